@@ -1,0 +1,115 @@
+"""Process-group set-up from torchrun / accelerate environment, and the named mesh.
+
+`init_distributed()` reads RANK / WORLD_SIZE / LOCAL_RANK (set by torchrun and by
+`accelerate launch`) and starts gloo on the CPU or nccl on CUDA; with none set it is a
+single process. `ParallelDims` says how the world splits into data-parallel replicas,
+FSDP shards, pair groups and context-parallel groups, and `build_mesh` makes the
+matching `DeviceMesh` with dimension names `dp_replicate`, `dp_shard`, `pair`, `cp`.
+"""
+
+from __future__ import annotations
+
+import datetime
+import logging
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
+
+logger = logging.getLogger(__name__)
+
+MESH_DIMS = ("dp_replicate", "dp_shard", "pair", "cp")
+
+
+@dataclass(frozen=True)
+class DistInfo:
+    rank: int
+    world_size: int
+    local_rank: int
+    device: torch.device
+    backend: str | None  # None: single process, no process group
+
+
+def init_distributed(timeout_s: int = 600) -> DistInfo:
+    """Start the default process group if the launcher asked for one."""
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    if torch.cuda.is_available():
+        device = torch.device("cuda", local_rank)
+        torch.cuda.set_device(device)
+    else:
+        device = torch.device("cpu")
+    if world_size == 1 and not dist.is_initialized():
+        return DistInfo(0, 1, 0, device, None)
+    backend = "nccl" if device.type == "cuda" else "gloo"
+    if not dist.is_initialized():
+        dist.init_process_group(backend, timeout=datetime.timedelta(seconds=timeout_s))
+    logger.info("process group: %s, rank %d of %d", backend, dist.get_rank(), dist.get_world_size())
+    return DistInfo(dist.get_rank(), dist.get_world_size(), local_rank, device, backend)
+
+
+def is_main_process() -> bool:
+    return not dist.is_initialized() or dist.get_rank() == 0
+
+
+def world_size() -> int:
+    return dist.get_world_size() if dist.is_initialized() else 1
+
+
+def barrier() -> None:
+    if dist.is_initialized():
+        dist.barrier()
+
+
+@dataclass(frozen=True)
+class ParallelDims:
+    """How the ranks are laid out. `dp_shard=-1` takes whatever the others leave."""
+
+    dp_replicate: int = 1
+    dp_shard: int = -1
+    cp: int = 1
+    pair: int = 1
+
+    def resolve(self, world: int) -> ParallelDims:
+        for name in ("dp_replicate", "cp", "pair"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"parallel.{name} must be >= 1, got {getattr(self, name)}")
+        if self.pair not in (1, 2):
+            raise ValueError(f"parallel.pair must be 1 or 2 (a pair has two samples), got {self.pair}")
+        rest = self.dp_replicate * self.cp * self.pair
+        dp_shard = self.dp_shard
+        if dp_shard == -1:
+            if world % rest:
+                raise ValueError(
+                    f"world size {world} is not divisible by dp_replicate*cp*pair = "
+                    f"{self.dp_replicate}*{self.cp}*{self.pair} = {rest}"
+                )
+            dp_shard = world // rest
+        if dp_shard < 1 or dp_shard * rest != world:
+            raise ValueError(
+                f"dp_replicate*dp_shard*pair*cp = {self.dp_replicate}*{dp_shard}*{self.pair}*"
+                f"{self.cp} = {dp_shard * rest} does not equal the world size {world}"
+            )
+        return ParallelDims(self.dp_replicate, dp_shard, self.cp, self.pair)
+
+    @property
+    def sizes(self) -> dict[str, int]:
+        return {name: getattr(self, name) for name in MESH_DIMS}
+
+
+def build_mesh(dims: ParallelDims, device_type: str | None = None) -> DeviceMesh:
+    """A 4-D named mesh (dp_replicate, dp_shard, pair, cp) over the whole world.
+
+    Every dimension is present, size 1 or not, so callers can always ask for
+    `mesh["cp"]` or flatten `("dp_replicate", "dp_shard", "pair")` for gradient
+    reduction. The innermost dimension is cp: its ranks are neighbours, which is
+    where fast links are on a real node.
+    """
+    if device_type is None:
+        device_type = "cuda" if torch.cuda.is_available() else "cpu"
+    dims = dims.resolve(world_size())
+    sizes = tuple(dims.sizes[name] for name in MESH_DIMS)
+    return init_device_mesh(device_type, sizes, mesh_dim_names=MESH_DIMS)

@@ -1,0 +1,1 @@
+"""Preference tuning of video diffusion transformers with Reg-DPO on GT-Pairs."""

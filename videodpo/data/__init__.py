@@ -1,0 +1,1 @@
+"""Video data: reading and writing clips, manifests, GT-Pairs, latent cache, synthetic world."""

@@ -1,0 +1,1 @@
+"""Adapters over diffusers video transformers, one interface per model family."""
