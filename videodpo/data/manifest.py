@@ -1,0 +1,148 @@
+"""Manifests: JSONL or CSV files listing clips or preference pairs.
+
+Paths inside a manifest are relative to the manifest's folder. Clip rows hold
+`video`, `caption` and optionally `image`, `fps`, `num_frames`; pair rows hold `chosen`,
+`rejected`, `caption`, optionally `image` and `meta` (generator, seed, steps, guidance).
+Readers return rows with paths resolved; writers take absolute or relative paths and
+store them relative to the manifest.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from common.errors import DataError
+
+CLIP_FIELDS: tuple[str, ...] = ("video", "caption")
+PAIR_FIELDS: tuple[str, ...] = ("chosen", "rejected", "caption")
+PATH_FIELDS: tuple[str, ...] = ("video", "image", "chosen", "rejected")
+
+
+@dataclass
+class ManifestRow:
+    """One row: `index` is its 1-based line (JSONL) or data-row number (CSV)."""
+
+    index: int
+    data: dict = field(default_factory=dict)
+
+    def path(self, key: str, root: Path) -> Path | None:
+        value = self.data.get(key)
+        if value in (None, ""):
+            return None
+        return resolve_path(root, value)
+
+
+def resolve_path(root: Path, value: str) -> Path:
+    p = Path(value)
+    return p if p.is_absolute() else root / p
+
+
+def manifest_kind(rows: list[dict]) -> str:
+    """Kind of manifest: "pair" when the rows have `chosen`, else "clip"."""
+    return "pair" if rows and "chosen" in rows[0] else "clip"
+
+
+def read_manifest_rows(path: str | Path) -> list[ManifestRow]:
+    """Rows as stored (paths not resolved); a line that is not JSON raises DataError
+    naming the line. Blank lines are skipped."""
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"{path}: manifest not found")
+    if path.suffix.lower() == ".csv":
+        with path.open(newline="") as fh:
+            return [ManifestRow(i, _csv_row(r)) for i, r in enumerate(csv.DictReader(fh), start=1)]
+    rows = []
+    for i, line in enumerate(path.read_text().splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            data = json.loads(line)
+        except json.JSONDecodeError as err:
+            raise DataError(f"{path}:{i}: not a JSON object ({err.msg})") from None
+        if not isinstance(data, dict):
+            raise DataError(f"{path}:{i}: expected a JSON object, got {type(data).__name__}")
+        rows.append(ManifestRow(i, data))
+    return rows
+
+
+def _csv_row(row: dict) -> dict:
+    out: dict = {}
+    for key, value in row.items():
+        if key is None:
+            continue
+        if key == "meta" and value:
+            value = json.loads(value)
+        elif key in ("fps", "num_frames") and value not in (None, ""):
+            value = float(value) if key == "fps" else int(value)
+        out[key] = value
+    return out
+
+
+def read_manifest(path: str | Path) -> list[dict]:
+    """Rows of a clip or pair manifest with every path field made absolute."""
+    path = Path(path)
+    root = path.parent.resolve()
+    rows = []
+    for row in read_manifest_rows(path):
+        data = dict(row.data)
+        for key in PATH_FIELDS:
+            if data.get(key) not in (None, ""):
+                data[key] = str(resolve_path(root, data[key]))
+        rows.append(data)
+    return rows
+
+
+def _relative(value: str | Path, root: Path) -> str:
+    p = Path(value)
+    if not p.is_absolute():
+        return p.as_posix()
+    try:
+        return p.resolve().relative_to(root).as_posix()
+    except ValueError:
+        return str(p)
+
+
+def write_manifest(path: str | Path, rows: list[dict]) -> Path:
+    """Write rows as JSONL (or CSV by suffix), paths stored relative to the manifest's
+    folder. Atomic: written to a temporary file, then renamed."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    root = path.parent.resolve()
+    out = []
+    for row in rows:
+        data = dict(row)
+        for key in PATH_FIELDS:
+            if data.get(key) not in (None, ""):
+                data[key] = _relative(data[key], root)
+        out.append(data)
+    tmp = path.with_name(path.name + ".partial")
+    if path.suffix.lower() == ".csv":
+        keys = list(dict.fromkeys(k for row in out for k in row))
+        with tmp.open("w", newline="") as fh:
+            writer = csv.DictWriter(fh, fieldnames=keys)
+            writer.writeheader()
+            for row in out:
+                writer.writerow(
+                    {k: json.dumps(v) if isinstance(v, dict) else v for k, v in row.items()}
+                )
+    else:
+        tmp.write_text("".join(json.dumps(row) + "\n" for row in out))
+    tmp.replace(path)
+    return path
+
+
+def append_manifest_row(path: str | Path, row: dict) -> None:
+    """Append one JSONL row (paths relative to the manifest), flushed at once; used for
+    resumable builders."""
+    path = Path(path)
+    root = path.parent.resolve()
+    data = dict(row)
+    for key in PATH_FIELDS:
+        if data.get(key) not in (None, ""):
+            data[key] = _relative(data[key], root)
+    with path.open("a") as fh:
+        fh.write(json.dumps(data) + "\n")
+        fh.flush()

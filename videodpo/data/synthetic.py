@@ -1,0 +1,268 @@
+"""Synthetic video world: one coloured shape on black, moving by a captioned rule.
+
+A `ClipRecord` holds everything about a clip (shape, colour, direction, speed, bounce,
+start, size, canvas). `render_clip` draws it as a (3, F, H, W) tensor in [-1, 1];
+`caption` describes it in words and `caption_tokens` as five ids of `CAPTION_VOCAB`
+(colour, shape, direction, speed, edge rule), so a tiny model can embed a caption as a
+few tokens. Without bounce the world wraps around (a torus) and the shape never stops;
+with bounce it reflects off the walls. Motion is made easy to see: high contrast, four
+directions, whole pixels per frame (`fast_step` of 4 moves one 4x4 patch a frame).
+Everything is deterministic by seed.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+
+import torch
+
+from common.errors import DataError
+
+SHAPES: tuple[str, ...] = ("square", "circle", "triangle")
+COLOURS: dict[str, tuple[float, float, float]] = {
+    "red": (1.0, 0.0, 0.0),
+    "green": (0.0, 1.0, 0.0),
+    "blue": (0.0, 0.0, 1.0),
+    "yellow": (1.0, 1.0, 0.0),
+}
+# (dx, dy) per frame in units of the step; y grows downwards (row index).
+DIRECTIONS: dict[str, tuple[int, int]] = {
+    "left": (-1, 0),
+    "right": (1, 0),
+    "up": (0, -1),
+    "down": (0, 1),
+}
+SPEEDS: tuple[str, ...] = ("slow", "fast")
+EDGE_RULES: tuple[str, ...] = ("wrap", "bounce")
+
+PAD_TOKEN = "<pad>"
+CAPTION_VOCAB: tuple[str, ...] = (
+    PAD_TOKEN,
+    *COLOURS,
+    *SHAPES,
+    *DIRECTIONS,
+    *SPEEDS,
+    *EDGE_RULES,
+)
+CAPTION_LENGTH = 5  # colour, shape, direction, speed, edge rule
+_SLOTS: tuple[tuple[str, ...], ...] = (
+    tuple(COLOURS),
+    SHAPES,
+    tuple(DIRECTIONS),
+    SPEEDS,
+    EDGE_RULES,
+)
+_SLOT_NAMES = ("colour", "shape", "direction", "speed", "edge rule")
+_WORD_ALIASES = {"bouncing": "bounce", "wrapping": "wrap"}
+
+
+@dataclass
+class WorldConfig:
+    """What the sampler may draw. Steps are pixels per frame."""
+
+    height: int = 16
+    width: int = 16
+    num_frames: int = 8
+    shape_size: int = 6
+    slow_step: int = 2
+    fast_step: int = 4
+    shapes: tuple[str, ...] = SHAPES
+    colours: tuple[str, ...] = tuple(COLOURS)
+    directions: tuple[str, ...] = tuple(DIRECTIONS)
+    speeds: tuple[str, ...] = SPEEDS
+    bounce_prob: float = 0.0
+    fps: float = 8.0
+
+    def step_of(self, speed: str) -> int:
+        return {"slow": self.slow_step, "fast": self.fast_step}[speed]
+
+
+@dataclass
+class ClipRecord:
+    """One clip of the world; `x`, `y` are the shape's centre at frame 0 in pixels
+    (pixel `j` covers [j, j + 1))."""
+
+    shape: str
+    colour: str
+    direction: str
+    speed: str
+    bounce: bool
+    step: int
+    size: int
+    x: float
+    y: float
+    height: int
+    width: int
+    num_frames: int
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> ClipRecord:
+        names = {f.name for f in fields(cls)}
+        missing = names - set(data)
+        if missing:
+            raise DataError(f"synthetic record is missing {sorted(missing)}: {data}")
+        return cls(**{k: data[k] for k in names})
+
+
+def caption(record: ClipRecord) -> str:
+    """The caption in words; `tokenize_caption(caption(r)) == caption_tokens(r)`."""
+    edges = "bouncing off" if record.bounce else "wrapping around"
+    return (
+        f"a {record.colour} {record.shape} moving {record.direction} "
+        f"at {record.speed} speed, {edges} the edges"
+    )
+
+
+def tokenize_caption(text: str) -> list[int]:
+    """Ids in `CAPTION_VOCAB` of the five slots (colour, shape, direction, speed, edge
+    rule) named in a caption; a caption naming no edge rule means "wrap"."""
+    words = [w.strip(".,;:!?").lower() for w in text.split()]
+    words = [_WORD_ALIASES.get(w, w) for w in words]
+    tokens = []
+    for slot, name in zip(_SLOTS, _SLOT_NAMES):
+        found = [w for w in words if w in slot]
+        if not found and name == "edge rule":
+            found = ["wrap"]
+        if len(found) != 1:
+            raise DataError(f"caption {text!r} must name exactly one {name} of {slot}")
+        tokens.append(CAPTION_VOCAB.index(found[0]))
+    return tokens
+
+
+def caption_tokens(record: ClipRecord) -> list[int]:
+    """Five ids in `CAPTION_VOCAB`: colour, shape, direction, speed, edge rule."""
+    return tokenize_caption(caption(record))
+
+
+def _fold(p: float, lo: float, hi: float) -> float:
+    """Position after reflecting off walls at `lo` and `hi` (a triangle wave)."""
+    span = hi - lo
+    if span <= 0:
+        return lo
+    q = (p - lo) % (2 * span)
+    return lo + (q if q <= span else 2 * span - q)
+
+
+def trajectory(record: ClipRecord) -> torch.Tensor:
+    """Centre (x, y) of the shape at every frame, shape (F, 2)."""
+    dx, dy = DIRECTIONS[record.direction]
+    half = record.size / 2
+    out = []
+    for f in range(record.num_frames):
+        x = record.x + dx * record.step * f
+        y = record.y + dy * record.step * f
+        if record.bounce:
+            x = _fold(x, half, record.width - half)
+            y = _fold(y, half, record.height - half)
+        else:
+            x %= record.width
+            y %= record.height
+        out.append((x, y))
+    return torch.tensor(out, dtype=torch.float64)
+
+
+def _wrapped_offsets(centre: float, length: int) -> torch.Tensor:
+    """Signed distance from every pixel centre to `centre` on a circle of `length`."""
+    d = torch.arange(length, dtype=torch.float64) + 0.5 - centre
+    return (d + length / 2) % length - length / 2
+
+
+def shape_mask(shape: str, size: int, x: float, y: float, height: int, width: int) -> torch.Tensor:
+    """Boolean (H, W) mask of a shape centred at (x, y), wrapping at the edges."""
+    dx = _wrapped_offsets(x, width)[None, :]
+    dy = _wrapped_offsets(y, height)[:, None]
+    half = size / 2
+    if shape == "square":
+        return (dx.abs() < half) & (dy.abs() < half)
+    if shape == "circle":
+        return dx**2 + dy**2 < 0.9 * half**2
+    if shape == "triangle":  # apex up, base at the bottom
+        return (dy.abs() < half) & (dx.abs() < (dy + half) / 2 + 0.5)
+    raise DataError(f"unknown shape {shape!r}, expected one of {SHAPES}")
+
+
+def render_clip(record: ClipRecord) -> torch.Tensor:
+    """The clip as float32 (3, F, H, W) in [-1, 1]: the shape in its colour on black."""
+    colour = torch.tensor(COLOURS[record.colour], dtype=torch.float32)
+    frames = []
+    for x, y in trajectory(record).tolist():
+        mask = shape_mask(record.shape, record.size, x, y, record.height, record.width)
+        frames.append(mask.float()[None] * colour[:, None, None])
+    clip = torch.stack(frames, dim=1)  # (3, F, H, W) in [0, 1]
+    return clip * 2 - 1
+
+
+def _start_positions(world: WorldConfig, bounce: bool, length: int) -> list[float]:
+    """Centres on the pixel grid: whole for even sizes, half for odd ones."""
+    offset = 0.5 * (world.shape_size % 2)
+    if not bounce:
+        return [k + offset for k in range(length)]
+    half = world.shape_size / 2
+    return [k + offset for k in range(length + 1) if half <= k + offset <= length - half]
+
+
+def sample_records(world: WorldConfig, num_clips: int, seed: int) -> list[ClipRecord]:
+    """`num_clips` records drawn uniformly from `world`; the same seed, the same list."""
+    if world.shape_size > min(world.height, world.width):
+        raise DataError(f"shape_size {world.shape_size} does not fit {world.height}x{world.width}")
+    rng = random.Random(seed)
+    records = []
+    for _ in range(num_clips):
+        bounce = rng.random() < world.bounce_prob
+        speed = rng.choice(world.speeds)
+        records.append(
+            ClipRecord(
+                shape=rng.choice(world.shapes),
+                colour=rng.choice(world.colours),
+                direction=rng.choice(world.directions),
+                speed=speed,
+                bounce=bounce,
+                step=world.step_of(speed),
+                size=world.shape_size,
+                x=rng.choice(_start_positions(world, bounce, world.width)),
+                y=rng.choice(_start_positions(world, bounce, world.height)),
+                height=world.height,
+                width=world.width,
+                num_frames=world.num_frames,
+            )
+        )
+    return records
+
+
+def render_batch(records: list[ClipRecord]) -> torch.Tensor:
+    """Clips of several records stacked as (N, 3, F, H, W)."""
+    return torch.stack([render_clip(r) for r in records])
+
+
+def write_dataset(out_dir: str | Path, world: WorldConfig, num_clips: int, seed: int) -> Path:
+    """Write `num_clips` clips as mp4 under `out_dir/clips/` and a JSONL manifest
+    `out_dir/manifest.jsonl` whose rows also carry the record under "world"."""
+    from videodpo.data.manifest import write_manifest
+    from videodpo.data.video_io import write_video
+
+    out_dir = Path(out_dir)
+    (out_dir / "clips").mkdir(parents=True, exist_ok=True)
+    rows = []
+    for i, record in enumerate(sample_records(world, num_clips, seed)):
+        rel = f"clips/{i:06d}.mp4"
+        write_video(out_dir / rel, render_clip(record), fps=world.fps)
+        rows.append(
+            {
+                "video": rel,
+                "caption": caption(record),
+                "fps": world.fps,
+                "num_frames": record.num_frames,
+                "world": record.to_dict(),
+            }
+        )
+    return write_manifest(out_dir / "manifest.jsonl", rows)
+
+
+def records_from_manifest(rows: list[dict]) -> list[ClipRecord]:
+    """The synthetic records stored under "world" in manifest rows."""
+    return [ClipRecord.from_dict(row["world"]) for row in rows]

@@ -1,0 +1,265 @@
+"""Reading and writing video clips.
+
+Clips inside the project are float tensors (C, F, H, W) in [-1, 1]. Reading uses decord
+when it is installed and falls back to PyAV (chosen automatically, with a log line);
+frames are sampled by count, stride or target fps, resized and center-cropped with
+torch ops. Writing uses PyAV (H.264, 4:4:4, near-lossless by default) and is atomic.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from fractions import Fraction
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from common.errors import DataError
+
+logger = logging.getLogger(__name__)
+
+READERS: tuple[str, ...] = ("auto", "decord", "pyav")
+
+
+@dataclass
+class VideoInfo:
+    num_frames: int
+    fps: float
+    height: int
+    width: int
+
+
+@functools.cache
+def default_reader() -> str:
+    """The reader "auto" picks: decord if it imports, else PyAV (said once in the log)."""
+    try:
+        import decord  # noqa: F401
+    except ImportError:
+        logger.info("decord is not available; reading video with PyAV")
+        return "pyav"
+    return "decord"
+
+
+def _check_exists(path: Path) -> None:
+    if not path.is_file():
+        raise DataError(f"{path}: file not found")
+
+
+def _decord_reader(path: Path):
+    import decord
+
+    return decord.VideoReader(str(path), ctx=decord.cpu(0), num_threads=1)
+
+
+def _pyav_decode_all(path: Path) -> tuple[np.ndarray, float]:
+    import av
+
+    with av.open(str(path)) as container:
+        if not container.streams.video:
+            raise DataError(f"{path}: no video stream")
+        stream = container.streams.video[0]
+        rate = stream.average_rate or stream.guessed_rate or 0
+        frames = [frame.to_ndarray(format="rgb24") for frame in container.decode(stream)]
+    if not frames:
+        raise DataError(f"{path}: no decodable frames")
+    return np.stack(frames), float(rate)
+
+
+def _with_reader(path: Path, reader: str, decord_fn, pyav_fn):
+    """Run `decord_fn` or `pyav_fn`; under "auto" a decord failure retries with PyAV."""
+    _check_exists(path)
+    if reader not in READERS:
+        raise DataError(f"unknown video reader {reader!r}, expected one of {READERS}")
+    chosen = default_reader() if reader == "auto" else reader
+    if chosen == "decord":
+        try:
+            return decord_fn()
+        except DataError:
+            raise
+        except Exception as err:  # noqa: BLE001 - decord raises bare errors for bad files
+            if reader == "decord":
+                raise DataError(f"{path}: cannot decode video with decord: {err}") from err
+            logger.info("decord cannot read %s (%s); retrying with PyAV", path, str(err)[:80])
+    try:
+        return pyav_fn()
+    except DataError:
+        raise
+    except Exception as err:  # noqa: BLE001 - any PyAV failure means the file is unusable
+        raise DataError(f"{path}: cannot decode video: {err}") from err
+
+
+def probe_video(path: str | Path, reader: str = "auto") -> VideoInfo:
+    """Frame count, fps and size of a video file (decodes it with PyAV)."""
+    path = Path(path)
+
+    def with_decord() -> VideoInfo:
+        vr = _decord_reader(path)
+        height, width = vr[0].shape[:2]
+        return VideoInfo(len(vr), float(vr.get_avg_fps()), int(height), int(width))
+
+    def with_pyav() -> VideoInfo:
+        frames, fps = _pyav_decode_all(path)
+        return VideoInfo(len(frames), fps, frames.shape[1], frames.shape[2])
+
+    return _with_reader(path, reader, with_decord, with_pyav)
+
+
+def read_frames(
+    path: str | Path, indices: Sequence[int] | None = None, reader: str = "auto"
+) -> tuple[torch.Tensor, float]:
+    """Frames `indices` (all when None) as uint8 (F, H, W, 3), and the file's fps."""
+    path = Path(path)
+
+    def with_decord() -> tuple[torch.Tensor, float]:
+        vr = _decord_reader(path)
+        idx = list(range(len(vr))) if indices is None else list(indices)
+        _check_indices(path, idx, len(vr))
+        return torch.from_numpy(vr.get_batch(idx).asnumpy()), float(vr.get_avg_fps())
+
+    def with_pyav() -> tuple[torch.Tensor, float]:
+        frames, fps = _pyav_decode_all(path)
+        idx = list(range(len(frames))) if indices is None else list(indices)
+        _check_indices(path, idx, len(frames))
+        return torch.from_numpy(frames[idx]), fps
+
+    return _with_reader(path, reader, with_decord, with_pyav)
+
+
+def _check_indices(path: Path, indices: list[int], total: int) -> None:
+    if indices and (min(indices) < 0 or max(indices) >= total):
+        raise DataError(f"{path}: needs frame {max(indices)} but has {total} frames")
+
+
+def sample_frame_indices(
+    total: int,
+    num_frames: int | None = None,
+    stride: int = 1,
+    source_fps: float | None = None,
+    target_fps: float | None = None,
+    start: int = 0,
+) -> list[int]:
+    """Indices of frames to keep: every `stride`-th frame from `start`, or frames at
+    `target_fps` when both fps are given; `num_frames` of them (all that fit when None).
+    Raises DataError when the video is too short."""
+    step = float(stride)
+    if target_fps is not None and source_fps:
+        step = source_fps / target_fps
+    if step <= 0:
+        raise DataError(f"frame step must be positive, got {step}")
+    available = max(0, math.floor((total - 1 - start) / step) + 1) if total > start else 0
+    count = available if num_frames is None else num_frames
+    if count > available or count <= 0:
+        raise DataError(
+            f"video has {total} frames; {count} frames at step {step:g} from {start} need "
+            f"{start + math.ceil((count - 1) * step) + 1}"
+        )
+    return [start + round(i * step) for i in range(count)]
+
+
+def frames_to_clip(frames: torch.Tensor) -> torch.Tensor:
+    """uint8 (F, H, W, 3) -> float32 (3, F, H, W) in [-1, 1]."""
+    return frames.permute(3, 0, 1, 2).float().div(127.5).sub(1.0)
+
+
+def clip_to_frames(clip: torch.Tensor) -> torch.Tensor:
+    """float (3, F, H, W) in [-1, 1] -> uint8 (F, H, W, 3), rounding to nearest."""
+    return (
+        clip.detach()
+        .float()
+        .clamp(-1, 1)
+        .add(1)
+        .mul(127.5)
+        .round()
+        .to(torch.uint8)
+        .permute(1, 2, 3, 0)
+    )
+
+
+def resize_center_crop(clip: torch.Tensor, height: int, width: int) -> torch.Tensor:
+    """Scale (C, F, H, W) so it covers height x width, then crop the center."""
+    c, f, h, w = clip.shape
+    if (h, w) == (height, width):
+        return clip
+    scale = max(height / h, width / w)
+    new_h, new_w = max(height, round(h * scale)), max(width, round(w * scale))
+    frames = clip.permute(1, 0, 2, 3).float()  # (F, C, H, W): frames as a batch
+    if (new_h, new_w) != (h, w):
+        frames = F.interpolate(
+            frames, size=(new_h, new_w), mode="bilinear", align_corners=False, antialias=scale < 1
+        )
+    top, left = (new_h - height) // 2, (new_w - width) // 2
+    frames = frames[:, :, top : top + height, left : left + width]
+    return frames.permute(1, 0, 2, 3).contiguous()
+
+
+def load_clip(
+    path: str | Path,
+    num_frames: int | None = None,
+    stride: int = 1,
+    fps: float | None = None,
+    height: int | None = None,
+    width: int | None = None,
+    reader: str = "auto",
+) -> torch.Tensor:
+    """A clip as float32 (3, F, H, W) in [-1, 1]: sampled, then resized and cropped
+    when `height` and `width` are given."""
+    info = probe_video(path, reader) if fps is not None else None
+    frames, file_fps = read_frames(path, None, reader)
+    try:
+        idx = sample_frame_indices(
+            len(frames), num_frames, stride, info.fps if info else file_fps, fps
+        )
+    except DataError as err:
+        raise DataError(f"{path}: {err}") from None
+    clip = frames_to_clip(frames[idx])
+    if height is not None and width is not None:
+        clip = resize_center_crop(clip, height, width)
+    return clip
+
+
+def first_frame(
+    path: str | Path, height: int | None = None, width: int | None = None, reader: str = "auto"
+) -> torch.Tensor:
+    """The first frame as float32 (3, H, W) in [-1, 1], for image-to-video conditioning."""
+    frames, _ = read_frames(path, [0], reader)
+    clip = frames_to_clip(frames)
+    if height is not None and width is not None:
+        clip = resize_center_crop(clip, height, width)
+    return clip[:, 0]
+
+
+def to_pil_image(frame: torch.Tensor):
+    """float (3, H, W) in [-1, 1] -> PIL image (what diffusers I2V pipelines take)."""
+    from PIL import Image
+
+    return Image.fromarray(clip_to_frames(frame[:, None])[0].numpy())
+
+
+def write_video(path: str | Path, clip: torch.Tensor, fps: float = 8.0, crf: int = 0) -> Path:
+    """Write float (3, F, H, W) in [-1, 1] as H.264 mp4 (yuv444p; crf 0 is near-lossless:
+    one level of rounding). Written to a temporary name first, so a file that exists is
+    complete."""
+    import av
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    frames = clip_to_frames(clip).numpy()
+    tmp = path.with_name(path.name + ".partial")
+    with av.open(str(tmp), "w", format="mp4") as container:
+        stream = container.add_stream("libx264", rate=Fraction(fps).limit_denominator(1001))
+        stream.width, stream.height = frames.shape[2], frames.shape[1]
+        stream.pix_fmt = "yuv444p"
+        stream.options = {"crf": str(crf)}
+        for frame in frames:
+            for packet in stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")):
+                container.mux(packet)
+        for packet in stream.encode():
+            container.mux(packet)
+    tmp.replace(path)
+    return path
