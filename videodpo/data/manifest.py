@@ -23,10 +23,12 @@ PATH_FIELDS: tuple[str, ...] = ("video", "image", "chosen", "rejected")
 
 @dataclass
 class ManifestRow:
-    """One row: `index` is its 1-based line (JSONL) or data-row number (CSV)."""
+    """One row: `index` is its 1-based line (JSONL) or data-row number (CSV); `error`
+    says why a line could not be parsed (then `data` is empty)."""
 
     index: int
     data: dict = field(default_factory=dict)
+    error: str | None = None
 
     def path(self, key: str, root: Path) -> Path | None:
         value = self.data.get(key)
@@ -45,9 +47,10 @@ def manifest_kind(rows: list[dict]) -> str:
     return "pair" if rows and "chosen" in rows[0] else "clip"
 
 
-def read_manifest_rows(path: str | Path) -> list[ManifestRow]:
-    """Rows as stored (paths not resolved); a line that is not JSON raises DataError
-    naming the line. Blank lines are skipped."""
+def read_manifest_rows(path: str | Path, strict: bool = True) -> list[ManifestRow]:
+    """Rows as stored (paths not resolved). A line that is not a JSON object raises
+    DataError naming the line, or with `strict=False` comes back with `error` set.
+    Blank lines are skipped."""
     path = Path(path)
     if not path.is_file():
         raise DataError(f"{path}: manifest not found")
@@ -60,10 +63,14 @@ def read_manifest_rows(path: str | Path) -> list[ManifestRow]:
             continue
         try:
             data = json.loads(line)
+            error = None if isinstance(data, dict) else f"a JSON {type(data).__name__}"
         except json.JSONDecodeError as err:
-            raise DataError(f"{path}:{i}: not a JSON object ({err.msg})") from None
-        if not isinstance(data, dict):
-            raise DataError(f"{path}:{i}: expected a JSON object, got {type(data).__name__}")
+            error = f"invalid JSON ({err.msg})"
+        if error is not None:
+            if strict:
+                raise DataError(f"{path}:{i}: expected a JSON object, got {error}")
+            rows.append(ManifestRow(i, {}, f"expected a JSON object, got {error}"))
+            continue
         rows.append(ManifestRow(i, data))
     return rows
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import functools
 import logging
 import math
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from fractions import Fraction
@@ -58,17 +59,41 @@ def _decord_reader(path: Path):
 
 
 def _pyav_decode_all(path: Path) -> tuple[np.ndarray, float]:
+    fps, _ = _pyav_stream_info(path)
+    frames = list(_pyav_frames(path))
+    if not frames:
+        raise DataError(f"{path}: no decodable frames")
+    return np.stack(frames), fps
+
+
+def _pyav_stream_info(path: Path) -> tuple[float, int]:
+    """fps and the frame count the container declares (0 when it does not say)."""
     import av
 
     with av.open(str(path)) as container:
         if not container.streams.video:
             raise DataError(f"{path}: no video stream")
         stream = container.streams.video[0]
-        rate = stream.average_rate or stream.guessed_rate or 0
-        frames = [frame.to_ndarray(format="rgb24") for frame in container.decode(stream)]
-    if not frames:
-        raise DataError(f"{path}: no decodable frames")
-    return np.stack(frames), float(rate)
+        return float(stream.average_rate or stream.guessed_rate or 0), int(stream.frames or 0)
+
+
+def _pyav_frames(path: Path):
+    """Yield rgb24 frames one at a time, so long videos need not fit in memory."""
+    import av
+
+    with av.open(str(path)) as container:
+        if not container.streams.video:
+            raise DataError(f"{path}: no video stream")
+        for frame in container.decode(container.streams.video[0]):
+            yield frame.to_ndarray(format="rgb24")
+
+
+def _short(err: Exception) -> str:
+    """decord prefixes messages with a timestamp and a source location; keep the gist."""
+    if getattr(err, "strerror", None):  # PyAV: "Invalid data found when processing input"
+        return err.strerror
+    text = str(err).strip().splitlines()[-1] if str(err).strip() else type(err).__name__
+    return re.sub(r"^\[[\d:]+\] \S+: ", "", text)
 
 
 def _with_reader(path: Path, reader: str, decord_fn, pyav_fn):
@@ -84,14 +109,14 @@ def _with_reader(path: Path, reader: str, decord_fn, pyav_fn):
             raise
         except Exception as err:  # noqa: BLE001 - decord raises bare errors for bad files
             if reader == "decord":
-                raise DataError(f"{path}: cannot decode video with decord: {err}") from err
-            logger.info("decord cannot read %s (%s); retrying with PyAV", path, str(err)[:80])
+                raise DataError(f"{path}: cannot decode video with decord: {_short(err)}") from err
+            logger.info("decord cannot read %s (%s); retrying with PyAV", path, _short(err))
     try:
         return pyav_fn()
     except DataError:
         raise
     except Exception as err:  # noqa: BLE001 - any PyAV failure means the file is unusable
-        raise DataError(f"{path}: cannot decode video: {err}") from err
+        raise DataError(f"{path}: cannot decode video: {_short(err)}") from err
 
 
 def probe_video(path: str | Path, reader: str = "auto") -> VideoInfo:
@@ -104,10 +129,32 @@ def probe_video(path: str | Path, reader: str = "auto") -> VideoInfo:
         return VideoInfo(len(vr), float(vr.get_avg_fps()), int(height), int(width))
 
     def with_pyav() -> VideoInfo:
-        frames, fps = _pyav_decode_all(path)
-        return VideoInfo(len(frames), fps, frames.shape[1], frames.shape[2])
+        return verify_video(path)
 
     return _with_reader(path, reader, with_decord, with_pyav)
+
+
+def verify_video(path: str | Path) -> VideoInfo:
+    """Decode every frame with PyAV, one at a time; raise DataError when the file is
+    missing, does not decode, has no frames, or yields fewer frames than its header
+    declares (a truncated file)."""
+
+    path = Path(path)
+    _check_exists(path)
+    count, shape = 0, (0, 0)
+    try:
+        fps, declared = _pyav_stream_info(path)
+        for frame in _pyav_frames(path):
+            count, shape = count + 1, frame.shape[:2]
+    except DataError:
+        raise
+    except Exception as err:  # noqa: BLE001 - any PyAV failure means the file is unusable
+        raise DataError(f"{path}: cannot decode video: {_short(err)}") from err
+    if count == 0:
+        raise DataError(f"{path}: no decodable frames")
+    if declared and count < declared:
+        raise DataError(f"{path}: truncated: decoded {count} of {declared} frames")
+    return VideoInfo(count, fps, int(shape[0]), int(shape[1]))
 
 
 def read_frames(

@@ -1,0 +1,154 @@
+"""`videodpo check-data`: validate every row of a clip or pair manifest.
+
+Each row is checked for: its video files exist and decode to the end, they have enough
+frames, the caption is a non-empty string, an optional conditioning image opens, and the
+two videos of a pair have the same shape (frames, height, width). Every problem is one
+line naming the row, the field and the file; a summary follows; the exit code is 1 when
+any row is bad.
+"""
+
+from __future__ import annotations
+
+import argparse
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from common.errors import DataError
+from videodpo.data.manifest import ManifestRow, read_manifest_rows, resolve_path
+from videodpo.data.video_io import VideoInfo, verify_video
+
+HELP = "validate every row of a clip or pair manifest; exit 1 naming each bad row"
+
+
+@dataclass
+class RowProblem:
+    row: int
+    field: str
+    file: str | None
+    message: str
+
+    def __str__(self) -> str:
+        where = f" ({self.file})" if self.file else ""
+        return f"row {self.row}: field '{self.field}'{where}: {self.message}"
+
+
+@dataclass
+class CheckReport:
+    manifest: Path
+    kind: str
+    num_rows: int
+    problems: list[RowProblem] = field(default_factory=list)
+
+    @property
+    def bad_rows(self) -> list[int]:
+        return sorted({p.row for p in self.problems})
+
+    def summary(self) -> str:
+        bad = len(self.bad_rows)
+        return (
+            f"{self.manifest}: {self.num_rows} {self.kind} rows checked, "
+            f"{self.num_rows - bad} good, {bad} bad"
+        )
+
+
+def _check_video(
+    row: ManifestRow, key: str, root: Path, min_frames: int
+) -> tuple[list[RowProblem], VideoInfo | None]:
+    value = row.data.get(key)
+    if value in (None, ""):
+        return [RowProblem(row.index, key, None, "missing")], None
+    if not isinstance(value, str):
+        return [RowProblem(row.index, key, None, f"expected a path, got {value!r}")], None
+    path = resolve_path(root, value)
+    if not path.is_file():
+        return [RowProblem(row.index, key, value, "file not found")], None
+    try:
+        info = verify_video(path)
+    except DataError as err:
+        message = str(err).removeprefix(f"{path}: ")
+        return [RowProblem(row.index, key, value, message)], None
+    if info.num_frames < min_frames:
+        problem = RowProblem(
+            row.index, key, value, f"has {info.num_frames} frames, needs at least {min_frames}"
+        )
+        return [problem], info
+    return [], info
+
+
+def _check_image(row: ManifestRow, root: Path) -> list[RowProblem]:
+    value = row.data.get("image")
+    if value in (None, ""):
+        return []
+    path = resolve_path(root, str(value))
+    if not path.is_file():
+        return [RowProblem(row.index, "image", str(value), "file not found")]
+    from PIL import Image
+
+    try:
+        with Image.open(path) as image:
+            image.verify()
+    except Exception as err:  # noqa: BLE001 - any PIL failure means the image is unusable
+        return [RowProblem(row.index, "image", str(value), f"cannot open image: {err}")]
+    return []
+
+
+def check_row(row: ManifestRow, root: Path, kind: str, min_frames: int = 1) -> list[RowProblem]:
+    """Problems of one manifest row (empty when the row is good)."""
+    if row.error is not None:
+        return [RowProblem(row.index, "row", None, row.error)]
+    problems: list[RowProblem] = []
+    declared = row.data.get("num_frames")
+    if declared is not None and not (isinstance(declared, int) and declared > 0):
+        problems.append(
+            RowProblem(row.index, "num_frames", None, f"expected a positive int, got {declared!r}")
+        )
+        declared = None
+    needed = max(min_frames, declared or 0)
+    if kind == "pair":
+        found, chosen = _check_video(row, "chosen", root, needed)
+        problems += found
+        found, rejected = _check_video(row, "rejected", root, needed)
+        problems += found
+        if chosen and rejected:
+            shape_c = (chosen.num_frames, chosen.height, chosen.width)
+            shape_r = (rejected.num_frames, rejected.height, rejected.width)
+            if shape_c != shape_r:
+                message = f"shape (frames, height, width) {shape_r} differs from chosen {shape_c}"
+                problems.append(RowProblem(row.index, "rejected", row.data["rejected"], message))
+    else:
+        problems += _check_video(row, "video", root, needed)[0]
+    caption = row.data.get("caption")
+    if not isinstance(caption, str) or not caption.strip():
+        problems.append(RowProblem(row.index, "caption", None, "missing or empty"))
+    problems += _check_image(row, root)
+    return problems
+
+
+def check_manifest(path: str | Path, min_frames: int = 1) -> CheckReport:
+    """Check every row of a manifest; the kind (clip or pair) comes from its rows."""
+    path = Path(path)
+    rows = read_manifest_rows(path, strict=False)
+    if not rows:
+        raise DataError(f"{path}: manifest has no rows")
+    is_pair = any("chosen" in r.data or "rejected" in r.data for r in rows)
+    kind = "pair" if is_pair else "clip"
+    report = CheckReport(path, kind, len(rows))
+    root = path.parent
+    for row in rows:
+        report.problems += check_row(row, root, kind, min_frames)
+    return report
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--manifest", required=True, help="JSONL or CSV manifest of clips or pairs")
+    parser.add_argument(
+        "--min-frames", type=int, default=1, help="fewest frames a video may have (default 1)"
+    )
+
+
+def run(args: argparse.Namespace) -> int:
+    report = check_manifest(args.manifest, args.min_frames)
+    for problem in report.problems:
+        print(f"{report.manifest}: {problem}")
+    print(report.summary())
+    return 1 if report.problems else 0
