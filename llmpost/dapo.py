@@ -146,17 +146,21 @@ def dynamic_sample(
     sample_round: Callable[[int], Sequence[SampledGroup]],
     num_groups: int,
     max_extra_rounds: int,
+    keep_going: Callable[[bool], bool] | None = None,
 ) -> DynamicSamplingResult:
     """Call `sample_round(round_index)` until `num_groups` informative groups are kept.
 
     Round 0 is the normal rollout; at most `max_extra_rounds` more rounds follow. When the
     cap is hit the batch is returned short (possibly empty) with a warning saying so.
+    `keep_going(needs_more)` decides whether another round runs; on several ranks it is
+    "does any rank need more" so that every rank calls the (collective) generator equally.
     """
+    keep_going = keep_going or (lambda needs_more: needs_more)
     kept: list[SampledGroup] = []
     dropped: list[SampledGroup] = []
     generated = 0
     rounds = 0
-    while len(kept) < num_groups and rounds <= max_extra_rounds:
+    while rounds <= max_extra_rounds and keep_going(len(kept) < num_groups):
         groups = list(sample_round(rounds))
         rounds += 1
         generated += len(groups)
