@@ -35,7 +35,6 @@ class DistInfo:
 def init_distributed(timeout_s: int = 600) -> DistInfo:
     """Start the default process group if the launcher asked for one."""
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
-    rank = int(os.environ.get("RANK", "0"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     if torch.cuda.is_available():
         device = torch.device("cuda", local_rank)
