@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import csv
 import json
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -106,10 +107,7 @@ def _relative(value: str | Path, root: Path) -> str:
     p = Path(value)
     if not p.is_absolute():
         return p.as_posix()
-    try:
-        return p.resolve().relative_to(root).as_posix()
-    except ValueError:
-        return str(p)
+    return Path(os.path.relpath(p.resolve(), root)).as_posix()
 
 
 def write_manifest(path: str | Path, rows: list[dict]) -> Path:

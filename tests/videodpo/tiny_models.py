@@ -1,0 +1,108 @@
+"""Tiny random diffusers video pipelines for tests: Wan2.1 T2V and I2V, saved to a folder.
+
+Everything is built from configs (no downloads): a 2-layer `WanTransformer3DModel`, an
+`AutoencoderKLWan(base_dim=8, num_res_blocks=1)`, a one-layer T5 encoder with a
+word-level tokenizer trained in place, and for I2V a one-layer CLIP vision encoder.
+`build_tiny_wan_pipeline(out_dir, task)` saves with `save_pretrained`, so code under
+test loads it back with `from_pretrained(out_dir)` like a real checkpoint. Frame counts
+must be 4k + 1 and sizes multiples of 16 (VAE 8x, patch 2x).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+TEXT_DIM = 32
+WORDS = (
+    "a an the at of off and moving speed edges around wrapping bouncing clip video "
+    "red green blue yellow square circle triangle left right up down slow fast"
+).split()
+
+
+def tiny_tokenizer():
+    """A word-level fast tokenizer (pad 0, eos 1, unk 2) wrapped for transformers."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"<pad>": 0, "</s>": 1, "<unk>": 2}
+    for word in WORDS:
+        vocab.setdefault(word, len(vocab))
+    core = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    core.pre_tokenizer = pre_tokenizers.Sequence(
+        [pre_tokenizers.Whitespace(), pre_tokenizers.Punctuation()]
+    )
+    return PreTrainedTokenizerFast(
+        tokenizer_object=core, pad_token="<pad>", eos_token="</s>", unk_token="<unk>"
+    )
+
+
+def tiny_text_encoder(vocab_size: int):
+    from transformers import T5Config, T5EncoderModel
+
+    config = T5Config(
+        vocab_size=vocab_size, d_model=TEXT_DIM, d_kv=8, d_ff=64, num_layers=1, num_heads=2,
+        relative_attention_num_buckets=8, dropout_rate=0.0,
+    )  # fmt: skip
+    return T5EncoderModel(config).eval()
+
+
+def tiny_wan_vae():
+    from diffusers import AutoencoderKLWan
+
+    return AutoencoderKLWan(base_dim=8, num_res_blocks=1, z_dim=16).eval()
+
+
+def tiny_wan_transformer(task: str = "t2v", image_dim: int | None = None):
+    from diffusers import WanTransformer3DModel
+
+    i2v = task == "i2v"
+    return WanTransformer3DModel(
+        patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=16,
+        in_channels=36 if i2v else 16, out_channels=16, text_dim=TEXT_DIM, freq_dim=32,
+        ffn_dim=64, num_layers=2, image_dim=image_dim if i2v else None,
+        added_kv_proj_dim=32 if i2v else None, rope_max_seq_len=64,
+    ).eval()  # fmt: skip
+
+
+def tiny_clip_image_encoder():
+    from transformers import CLIPImageProcessor, CLIPVisionConfig, CLIPVisionModelWithProjection
+
+    config = CLIPVisionConfig(
+        hidden_size=32, projection_dim=32, num_hidden_layers=2, num_attention_heads=2,
+        intermediate_size=64, image_size=32, patch_size=8,
+    )  # fmt: skip
+    processor = CLIPImageProcessor(
+        size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}
+    )
+    return CLIPVisionModelWithProjection(config).eval(), processor
+
+
+def build_tiny_wan_pipeline(out_dir: str | Path, task: str = "t2v", seed: int = 0) -> Path:
+    """Save a random tiny Wan2.1 pipeline (`WanPipeline` or `WanImageToVideoPipeline`)."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, WanImageToVideoPipeline, WanPipeline
+
+    torch.manual_seed(seed)
+    tokenizer = tiny_tokenizer()
+    parts = dict(
+        tokenizer=tokenizer,
+        text_encoder=tiny_text_encoder(len(tokenizer)),
+        vae=tiny_wan_vae(),
+        scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0),
+    )
+    if task == "t2v":
+        pipe = WanPipeline(transformer=tiny_wan_transformer("t2v"), **parts)
+    elif task == "i2v":
+        encoder, processor = tiny_clip_image_encoder()
+        pipe = WanImageToVideoPipeline(
+            transformer=tiny_wan_transformer("i2v", image_dim=encoder.config.hidden_size),
+            image_encoder=encoder,
+            image_processor=processor,
+            **parts,
+        )
+    else:
+        raise ValueError(f"task must be t2v or i2v, got {task!r}")
+    out_dir = Path(out_dir)
+    pipe.save_pretrained(out_dir)
+    return out_dir
