@@ -1,0 +1,607 @@
+"""General data as a regularizer: project the target update per parameter group.
+
+Each step, the gradient the scarce target batch asks for (g_T, of the mean target loss)
+is replaced, group by group, by its projection onto a feasible set built from the
+per-sample gradients g_1..g_n of a general batch (DESIGN.md section 4, solved by
+`common.projector`). The update b * g_T + sum_i a_i g_i is written into `.grad`; an
+optimizer step follows as usual. Usage (the whole API):
+
+    reg = DataRegularizer(model, RegularizerConfig(feasible="subset", granularity="layer",
+                                                   fraction=0.5, n_general=8, path="ghost"))
+    stats = reg.step(loss_fn, target_batch, general_batch)   # fills p.grad
+    optimizer.step(); optimizer.zero_grad()
+
+`loss_fn(model, batch) -> Tensor (B,)` returns one loss per sample (mean over that
+sample's tokens, say); batches are any pytree of tensors with the sample dimension
+first and are passed to `loss_fn` unchanged. `general_batch` holds n_general samples.
+`stats` is a `RegularizerStats` (losses, norms, cosine of update and g_T).
+
+Granularity: `layer` = every module that owns trainable parameters (a Linear with its
+bias, an embedding, a norm); `block` = every transformer block (`common.fsdp.find_blocks`),
+modules outside the blocks being one group each; `model` = one group.
+
+Paths, which give the same update (tests/common/test_regularizer.py):
+- `materialized`: per-sample gradients of every parameter with `torch.func` (vmap of
+  grad); the reference; n + B_T full gradients in memory; single process only.
+- `ghost`: one forward per batch and one backward that stops at module outputs (no
+  weight gradients). For `nn.Linear` the Gram entries come from layer inputs X and output
+  gradients G: <g_i, g_j> = sum_{s,t} (X_i X_j^T)_{st} (G_i G_j^T)_{st}; when one layer's
+  per-sample gradients are cheaper to form than the T x T products (`ghost_pairs="auto"`)
+  they are formed for that layer alone and freed at once. Embeddings use the touched rows
+  only; other modules (norms) get per-sample gradients of their own few parameters from
+  their captured input and output gradient. The update of each layer is
+  b * g_T + (a-weighted G)^T X, formed from the captured tensors.
+- `sketch`: as `ghost`, but the Gram block of a Linear with at least `sketch_min_numel`
+  weights is estimated from Kronecker Gaussian sketches P_o G^T X P_i^T of size
+  sketch_dim x sketch_dim (a side no larger than sketch_dim is kept exact). The estimate
+  is unbiased; each entry's standard deviation is at most
+  sqrt(2/k_o + 2(1 + 2/k_o)/k_i) * |g_i| |g_j| (k_o, k_i the sketched sizes, or infinity
+  for an exact side). Only the Gram is approximate: the update is formed exactly from
+  the approximate coefficients.
+
+FSDP2 (`fully_shard`, 1-D mesh, parameters sharded on dim 0): every rank passes the
+SAME target and general batches; each rank forms the Gram terms of the parameter rows
+it owns, one all-reduce sums all groups' Gram matrices, and each rank writes the update
+of its own rows. Data-parallel splitting of the batches over ranks is not supported.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+import zlib
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.distributed.tensor import DTensor, Shard
+from torch.utils._pytree import tree_map
+
+from common.errors import ConfigError
+from common.projector import FEASIBLE_SETS, solve_coefficients
+
+GRANULARITIES = ("model", "block", "layer")
+PATHS = ("materialized", "ghost", "sketch")
+LossFn = Callable[[nn.Module, Any], torch.Tensor]
+
+
+@dataclass
+class RegularizerConfig:
+    feasible: str = "subset"  # one of common.projector.FEASIBLE_SETS
+    granularity: str = "layer"  # model | block | layer
+    fraction: float = 0.5  # share of general samples kept by `subset`
+    n_general: int = 8  # general samples per step (size of the general batch)
+    path: str = "ghost"  # materialized | ghost | sketch
+    ghost_pairs: str = "auto"  # auto | ghost: how a Linear's general-general Gram is formed
+    sketch_dim: int = 256  # k of each sketch factor
+    sketch_min_numel: int = 1 << 22  # Linear layers with at least this many weights are sketched
+    seed: int = 0  # sketches are drawn from (seed, step)
+    target_source: str = ""  # name of the target data, read by the calling track
+    general_source: str = ""  # name of the general data, read by the calling track
+
+    def __post_init__(self) -> None:
+        choices = {
+            "feasible": FEASIBLE_SETS,
+            "granularity": GRANULARITIES,
+            "path": PATHS,
+            "ghost_pairs": ("auto", "ghost"),
+        }
+        for key, allowed in choices.items():
+            if getattr(self, key) not in allowed:
+                raise ConfigError(
+                    f"regularizer.{key}: {getattr(self, key)!r} is not one of {allowed}"
+                )
+        if not 0.0 < self.fraction <= 1.0:
+            raise ConfigError(f"regularizer.fraction: expected a number in (0, 1], got {self.fraction}")
+        if self.n_general < 1:
+            raise ConfigError(f"regularizer.n_general: expected >= 1, got {self.n_general}")
+        if self.sketch_dim < 1:
+            raise ConfigError(f"regularizer.sketch_dim: expected >= 1, got {self.sketch_dim}")
+
+
+@dataclass
+class RegularizerStats:
+    target_loss: float
+    general_loss: float
+    target_grad_norm: float  # |g_T| over all groups
+    update_norm: float  # |d|
+    cos_update_target: float  # <d, g_T> / (|d| |g_T|)
+    aligned_general: float  # share of general samples with <g_i, g_T> > 0 (whole model)
+    groups: int
+
+
+@dataclass
+class _Record:
+    """What one call of a module left behind: its input and its output gradient."""
+
+    x: torch.Tensor
+    params: dict[str, torch.Tensor] | None = None
+    grad_out: torch.Tensor | None = None
+
+
+@dataclass
+class _Group:
+    name: str
+    modules: list[str] = field(default_factory=list)
+
+
+class _Capture(torch.autograd.Function):
+    """Identity on a module output whose backward stores the output gradient."""
+
+    @staticmethod
+    def forward(ctx, out, anchor, record):  # noqa: ARG004 - anchor only links the graph
+        ctx.record = record
+        return out.view_as(out)
+
+    @staticmethod
+    def backward(ctx, grad):
+        ctx.record.grad_out = grad.detach()
+        return grad, torch.zeros(()), None
+
+
+class DataRegularizer:
+    """Writes the projected target update into `.grad` of the model's trainable params."""
+
+    def __init__(self, model: nn.Module, config: RegularizerConfig) -> None:
+        self.model = model
+        self.config = config
+        self.steps = 0
+        self.modules = _parameter_modules(model)
+        if not self.modules:
+            raise ConfigError("regularizer: the model has no trainable parameters")
+        self.groups = _build_groups(model, self.modules, config.granularity)
+        self.sharded = any(
+            isinstance(p, DTensor) for m in self.modules.values() for p in _own_params(m).values()
+        )
+        if self.sharded and config.path == "materialized":
+            raise ConfigError(
+                "regularizer.path: 'materialized' is the single-process reference; "
+                "use 'ghost' or 'sketch' with FSDP"
+            )
+        if config.path != "materialized":
+            self._check_ghost_support()
+
+    # ------------------------------------------------------------------ public
+    def step(self, loss_fn: LossFn, target_batch: Any, general_batch: Any) -> RegularizerStats:
+        """Compute the projected update for one step and write it into `.grad`."""
+        n = _batch_size(general_batch)
+        if n != self.config.n_general:
+            raise ConfigError(
+                f"regularizer.n_general is {self.config.n_general} but the general batch "
+                f"holds {n} samples"
+            )
+        if self.config.path == "materialized":
+            grams, writer, losses = self._materialized(loss_fn, target_batch, general_batch)
+        else:
+            grams, writer, losses = self._ghost(loss_fn, target_batch, general_batch)
+        if self.sharded:
+            stacked = torch.stack([grams[g.name] for g in self.groups])
+            dist.all_reduce(stacked, group=self._shard_group())
+            grams = {g.name: stacked[i] for i, g in enumerate(self.groups)}
+        coefs = {}
+        for g in self.groups:
+            b, a = solve_coefficients(grams[g.name], self.config.feasible, self.config.fraction)
+            coefs[g.name] = torch.as_tensor(np.concatenate([[b], a]), dtype=torch.float64)
+        writer(coefs)
+        self.steps += 1
+        return _stats(grams, coefs, losses, len(self.groups))
+
+    # ------------------------------------------------------------ materialized
+    def _materialized(self, loss_fn, target_batch, general_batch):
+        params = {k: p.detach() for k, p in self.model.named_parameters() if p.requires_grad}
+        frozen = {k: p.detach() for k, p in self.model.named_parameters() if not p.requires_grad}
+        buffers = dict(self.model.named_buffers())
+        wrapper = _LossModule(self.model, loss_fn)
+
+        def sample_loss(trainable, sample):
+            batch = tree_map(lambda t: t.unsqueeze(0), sample)
+            state = _prefix({**frozen, **buffers, **trainable})
+            loss = torch.func.functional_call(wrapper, state, (batch,))[0]
+            return loss, loss
+
+        per_sample = torch.func.vmap(torch.func.grad(sample_loss, has_aux=True), in_dims=(None, 0))
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)  # no vmap rule for CPU flash sdpa
+            grads_t, losses_t = per_sample(params, target_batch)
+            grads_g, losses_g = per_sample(params, general_batch)
+        columns = {
+            k: torch.cat([grads_t[k].mean(0, keepdim=True), grads_g[k]]).flatten(1).double()
+            for k in params
+        }
+        group_of = {m: g.name for g in self.groups for m in g.modules}
+        param_group = {k: group_of[k.rpartition(".")[0]] for k in params}
+        grams = {}
+        for g in self.groups:
+            rows = torch.cat([columns[k] for k in params if param_group[k] == g.name], dim=1)
+            grams[g.name] = rows @ rows.T
+
+        def write(coefs):
+            pmap = dict(self.model.named_parameters())
+            for k in params:
+                update = coefs[param_group[k]] @ columns[k]
+                _set_grad(pmap[k], update)
+
+        losses = (losses_t.mean().item(), losses_g.mean().item())
+        return grams, write, losses
+
+    # ------------------------------------------------------------------ ghost
+    def _ghost(self, loss_fn, target_batch, general_batch):
+        records: dict[str, dict[str, list[_Record]]] = {k: {"t": [], "g": []} for k in self.modules}
+        anchor = torch.zeros((), requires_grad=True)
+        phase = ["t"]
+        handles = []
+        for name, module in self.modules.items():
+            handles.append(module.register_forward_hook(self._hook(records[name], phase, anchor)))
+        try:
+            losses_t = loss_fn(self.model, target_batch)
+            phase[0] = "g"
+            losses_g = loss_fn(self.model, general_batch)
+        finally:
+            for h in handles:
+                h.remove()
+        _check_losses(losses_t, target_batch, "target")
+        _check_losses(losses_g, general_batch, "general")
+        total = losses_t.mean() + losses_g.sum()
+        torch.autograd.grad(total, [anchor], allow_unused=True)
+        n = losses_g.shape[0]
+        parts = {name: self._module_gram(name, recs, n) for name, recs in records.items()}
+        grams = {
+            g.name: sum((parts[m][0] for m in g.modules), torch.zeros(n + 1, n + 1, dtype=torch.float64))
+            for g in self.groups
+        }
+
+        def write(coefs):
+            for g in self.groups:
+                for m in g.modules:
+                    parts[m][1](coefs[g.name])
+
+        losses = (losses_t.detach().mean().item(), losses_g.detach().mean().item())
+        return grams, write, losses
+
+    def _hook(self, records, phase, anchor):
+        def hook(module, args, out):
+            x = args[0] if args else None
+            if not isinstance(x, torch.Tensor) or not isinstance(out, torch.Tensor):
+                raise ConfigError(
+                    f"regularizer: module {type(module).__name__} must take and return one tensor "
+                    "for the ghost path; use path='materialized'"
+                )
+            params = None
+            if not isinstance(module, (nn.Linear, nn.Embedding)):
+                params = {k: p.detach().clone() for k, p in _own_params(module).items()}
+            record = _Record(x=x.detach(), params=params)
+            records[phase[0]].append(record)
+            return _Capture.apply(out, anchor, record)
+
+        return hook
+
+    def _module_gram(self, name: str, recs: dict[str, list[_Record]], n: int):
+        """(Gram contribution (n+1)x(n+1), writer(coef)) for one module's parameters."""
+        module = self.modules[name]
+        if isinstance(module, nn.Linear):
+            return self._linear(name, module, recs, n)
+        if isinstance(module, nn.Embedding):
+            return self._embedding(module, recs, n)
+        return self._generic(module, recs, n)
+
+    def _linear(self, name, module, recs, n):
+        rows = _local_rows(module.weight)
+        has_bias = module.bias is not None
+
+        def tokens(rec_list, batched):
+            xs, gs = [], []
+            for r in rec_list:
+                if r.grad_out is None:
+                    continue
+                x, g = r.x.float(), r.grad_out[..., rows].float()
+                if has_bias:
+                    x = torch.cat([x, x.new_ones(*x.shape[:-1], 1)], dim=-1)
+                lead = x.shape[0] if batched else 1
+                xs.append(x.reshape(lead, -1, x.shape[-1]))
+                gs.append(g.reshape(lead, -1, g.shape[-1]))
+            if not xs:
+                return None, None
+            return torch.cat(xs, dim=1), torch.cat(gs, dim=1)
+
+        xt, gt = tokens(recs["t"], batched=False)
+        xg, gg = tokens(recs["g"], batched=True)
+        width = module.in_features + int(has_bias)
+        out_rows = rows.stop - rows.start
+        g_target = torch.zeros(out_rows, width) if xt is None else gt[0].T @ xt[0]
+        cfg = self.config
+        if xg is not None and cfg.path == "sketch" and out_rows * width >= cfg.sketch_min_numel:
+            gram = self._linear_sketch_gram(name, g_target, xg, gg)
+        else:
+            gram = torch.zeros(n + 1, n + 1, dtype=torch.float64)
+            gram[0, 0] = (g_target.double() ** 2).sum()
+            if xg is not None:
+                cross = torch.einsum("nto,nto->n", xg @ g_target.T, gg).double()
+                gram[0, 1:] = gram[1:, 0] = cross
+                gram[1:, 1:] = self._linear_pairs(xg, gg)
+
+        def write(coef):
+            update = coef[0].item() * g_target
+            if xg is not None:
+                a = coef[1:].to(gg.dtype)
+                weighted = (gg * a[:, None, None]).reshape(-1, gg.shape[-1])
+                update = update + weighted.T @ xg.reshape(-1, width)
+            weight = update[:, : module.in_features]
+            _set_grad(module.weight, weight)
+            if has_bias:
+                _set_grad(module.bias, update[:, -1])
+
+        return gram, write
+
+    def _linear_pairs(self, xg, gg):
+        """Gram of the general per-sample gradients G_i^T X_i of one Linear."""
+        n, T, width = xg.shape
+        out = gg.shape[-1]
+        ghost_cost = n * n * T * T * (width + out)
+        materialize_cost = n * T * width * out + n * n * width * out
+        if self.config.ghost_pairs == "ghost" or ghost_cost <= materialize_cost:
+            xx = torch.einsum("nti,msi->nmts", xg, xg)
+            gg2 = torch.einsum("nto,mso->nmts", gg, gg)
+            return (xx * gg2).sum((2, 3)).double()
+        per_sample = torch.einsum("nto,nti->noi", gg, xg).reshape(n, -1)
+        return (per_sample @ per_sample.T).double()
+
+    def _linear_sketch_gram(self, name, g_target, xg, gg):
+        """Gram of Kronecker sketches Po^T g Pi of [g_T, g_1..g_n] (unbiased estimate)."""
+        k = self.config.sketch_dim
+        seed = zlib.crc32(f"{self.config.seed}/{self.steps}/{name}".encode())
+        gen = torch.Generator().manual_seed(seed)
+        p_out = _sketch_matrix(gg.shape[-1], k, gen)
+        p_in = _sketch_matrix(xg.shape[-1], k, gen)
+        sk_target = (p_out.T @ g_target @ p_in).reshape(1, -1)
+        sk_general = torch.einsum("nto,nti->noi", gg @ p_out, xg @ p_in).reshape(len(xg), -1)
+        columns = torch.cat([sk_target, sk_general]).double()
+        return columns @ columns.T
+
+    def _embedding(self, module, recs, n):
+        rows = _local_rows(module.weight)
+        dim = module.embedding_dim
+
+        def tokens(rec_list):
+            ids, gs, owner = [], [], []
+            for r in rec_list:
+                if r.grad_out is None:
+                    continue
+                i = r.x.reshape(r.x.shape[0] if r.x.ndim > 1 else 1, -1)
+                g = r.grad_out.float().reshape(*i.shape, dim)
+                ids.append(i)
+                gs.append(g)
+            if not ids:
+                return None
+            i, g = torch.cat(ids, 1), torch.cat(gs, 1)
+            sample = torch.arange(i.shape[0])[:, None].expand_as(i)
+            keep = (i >= rows.start) & (i < rows.stop)
+            if module.padding_idx is not None:
+                keep &= i != module.padding_idx
+            owner.append(sample[keep])
+            return i[keep] - rows.start, g[keep], owner[0]
+
+        local = rows.stop - rows.start
+        target = tokens(recs["t"])
+        general = tokens(recs["g"])
+        g_target = torch.zeros(local, dim)
+        if target is not None:
+            g_target.index_add_(0, target[0], target[1])
+        gram = torch.zeros(n + 1, n + 1, dtype=torch.float64)
+        gram[0, 0] = (g_target.double() ** 2).sum()
+        compact = None
+        if general is not None:
+            ids, g, owner = general
+            touched, slot = torch.unique(ids, return_inverse=True)
+            compact = torch.zeros(n, len(touched), dim)
+            compact.index_put_((owner, slot), g, accumulate=True)
+            flat = compact.reshape(n, -1).double()
+            gram[1:, 1:] = flat @ flat.T
+            gram[0, 1:] = gram[1:, 0] = flat @ g_target[touched].reshape(-1).double()
+
+        def write(coef):
+            update = coef[0].item() * g_target
+            if compact is not None:
+                mixed = torch.einsum("n,nud->ud", coef[1:].float(), compact)
+                update.index_add_(0, touched, mixed)
+            _set_grad(module.weight, update)
+
+        return gram, write
+
+    def _generic(self, module, recs, n):
+        """Per-sample gradients of a small module's own parameters (norms and the like)."""
+
+        def per_sample(rec_list, batched):
+            out = []
+            for r in rec_list:
+                if r.grad_out is None:
+                    continue
+                x, g = (r.x, r.grad_out) if batched else (r.x[None], r.grad_out[None])
+
+                def vjp_one(params, xi, gi):
+                    fn = lambda p: torch.func.functional_call(module, p, (xi[None],))  # noqa: E731
+                    return torch.func.vjp(fn, params)[1](gi[None].to(xi.dtype))[0]
+
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore", UserWarning)
+                    grads = torch.func.vmap(vjp_one, in_dims=(None, 0, 0))(r.params, x, g)
+                out.append(grads)
+            if not out:
+                return None
+            return {k: sum(o[k] for o in out) for k in out[0]}
+
+        params = _own_params(module)
+        tgt = per_sample(recs["t"], batched=False)
+        gen = per_sample(recs["g"], batched=True)
+
+        def flat(grads, count):
+            if grads is None:
+                return torch.zeros(count, sum(_local(p).numel() for p in params.values()))
+            return torch.cat(
+                [_local_slice(grads[k], params[k]).reshape(count, -1).float() for k in params], 1
+            )
+
+        columns = torch.cat([flat(tgt, 1), flat(gen, n)]).double()
+        gram = columns @ columns.T
+
+        def write(coef):
+            update = coef @ columns
+            offset = 0
+            for p in params.values():
+                size = _local(p).numel()
+                _set_grad(p, update[offset : offset + size].view(_local(p).shape))
+                offset += size
+
+        return gram, write
+
+    # ----------------------------------------------------------------- checks
+    def _check_ghost_support(self) -> None:
+        for name, module in self.modules.items():
+            if isinstance(module, nn.Embedding) and (module.max_norm is not None or module.sparse):
+                raise ConfigError(f"regularizer: embedding {name} with max_norm/sparse is not supported")
+        seen: dict[int, str] = {}
+        for name, module in self.modules.items():
+            for p in _own_params(module).values():
+                if id(p) in seen:
+                    raise ConfigError(
+                        f"regularizer: parameter shared by {seen[id(p)]} and {name} (tied "
+                        "weights); untie them or use path='materialized'"
+                    )
+                seen[id(p)] = name
+            for p in _own_params(module).values():
+                if isinstance(p, DTensor) and (
+                    p.device_mesh.ndim != 1 or p.placements[0] != Shard(0)
+                ):
+                    raise ConfigError(
+                        f"regularizer: {name} is sharded as {p.placements} on a "
+                        f"{p.device_mesh.ndim}-D mesh; only Shard(0) on a 1-D mesh is supported"
+                    )
+
+    def _shard_group(self):
+        for m in self.modules.values():
+            for p in _own_params(m).values():
+                if isinstance(p, DTensor):
+                    return p.device_mesh.get_group()
+        return None
+
+
+class _LossModule(nn.Module):
+    """Lets `torch.func.functional_call` swap parameters under a user's loss function."""
+
+    def __init__(self, model: nn.Module, loss_fn: LossFn) -> None:
+        super().__init__()
+        self.model = model
+        self.loss_fn = loss_fn
+
+    def forward(self, batch):
+        return self.loss_fn(self.model, batch)
+
+
+def _prefix(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    return {f"model.{k}": v for k, v in state.items()}
+
+
+def _own_params(module: nn.Module) -> dict[str, nn.Parameter]:
+    return {k: p for k, p in module.named_parameters(recurse=False) if p.requires_grad}
+
+
+def _parameter_modules(model: nn.Module) -> dict[str, nn.Module]:
+    return {name: m for name, m in model.named_modules() if _own_params(m)}
+
+
+def _build_groups(model: nn.Module, modules: dict[str, nn.Module], granularity: str) -> list[_Group]:
+    if granularity == "model":
+        return [_Group("model", list(modules))]
+    if granularity == "layer":
+        return [_Group(name or "root", [name]) for name in modules]
+    from common.fsdp import find_blocks
+
+    block_ids = {id(b) for b in find_blocks(model)}
+    block_names = [name for name, m in model.named_modules() if id(m) in block_ids]
+    groups: dict[str, _Group] = {}
+    for name in modules:
+        owner = next((b for b in block_names if name == b or name.startswith(b + ".")), name)
+        groups.setdefault(owner, _Group(owner or "root")).modules.append(name)
+    return list(groups.values())
+
+
+def _batch_size(batch: Any) -> int:
+    sizes = set()
+    tree_map(lambda t: sizes.add(t.shape[0]) if isinstance(t, torch.Tensor) else None, batch)
+    if len(sizes) != 1:
+        raise ConfigError(f"regularizer: batch tensors disagree on the sample dimension: {sizes}")
+    return sizes.pop()
+
+
+def _check_losses(losses: torch.Tensor, batch: Any, which: str) -> None:
+    if losses.ndim != 1 or losses.shape[0] != _batch_size(batch):
+        raise ConfigError(
+            f"regularizer: loss_fn must return one loss per sample, shape ({_batch_size(batch)},) "
+            f"for the {which} batch; got {tuple(losses.shape)}"
+        )
+
+
+def _local(p: torch.Tensor) -> torch.Tensor:
+    return p.to_local() if isinstance(p, DTensor) else p
+
+
+def _local_rows(p: torch.Tensor) -> slice:
+    """The rows (dim 0) of `p` this rank holds: all of them unless FSDP-sharded."""
+    if not isinstance(p, DTensor):
+        return slice(0, p.shape[0])
+    world = p.device_mesh.size()
+    rank = p.device_mesh.get_local_rank()
+    chunk = math.ceil(p.shape[0] / world)
+    start = min(rank * chunk, p.shape[0])
+    stop = min(start + chunk, p.shape[0])
+    if stop - start != p.to_local().shape[0]:
+        raise RuntimeError(f"unexpected FSDP shard of shape {tuple(p.to_local().shape)} on rank {rank}")
+    return slice(start, stop)
+
+
+def _local_slice(per_sample: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
+    """Per-sample gradients (count, *p.shape) restricted to this rank's rows."""
+    rows = _local_rows(p)
+    return per_sample[:, rows] if per_sample.ndim > 1 else per_sample
+
+
+def _set_grad(p: torch.Tensor, update: torch.Tensor) -> None:
+    if isinstance(p, DTensor):
+        local = update.to(p.dtype).reshape(p.to_local().shape).contiguous()
+        p.grad = DTensor.from_local(
+            local, p.device_mesh, p.placements, run_check=False, shape=p.shape, stride=p.stride()
+        )
+    else:
+        p.grad = update.to(p.dtype).reshape(p.shape).contiguous()
+
+
+def _sketch_matrix(m: int, k: int, gen: torch.Generator) -> torch.Tensor:
+    """(m, k) Gaussian with N(0, 1/k) entries, or the identity when m <= k (exact side)."""
+    if m <= k:
+        return torch.eye(m)
+    return torch.randn(m, k, generator=gen) / math.sqrt(k)
+
+
+def _stats(grams, coefs, losses, groups: int) -> RegularizerStats:
+    tt = ud = uu = 0.0
+    cross = None
+    for name, K in grams.items():
+        c = coefs[name]
+        tt += K[0, 0].item()
+        ud += (c @ K[:, 0]).item()
+        uu += (c @ K @ c).item()
+        cross = K[1:, 0].clone() if cross is None else cross + K[1:, 0]
+    cos = ud / math.sqrt(tt * uu) if tt > 0 and uu > 0 else 0.0
+    aligned = (cross > 0).double().mean().item() if cross is not None and len(cross) else 0.0
+    return RegularizerStats(
+        target_loss=losses[0],
+        general_loss=losses[1],
+        target_grad_norm=math.sqrt(max(tt, 0.0)),
+        update_norm=math.sqrt(max(uu, 0.0)),
+        cos_update_target=cos,
+        aligned_general=aligned,
+        groups=groups,
+    )
