@@ -48,8 +48,8 @@ def _run(root, total, kill_after=None, kill_in_save=False):
                 ck._prune = lambda: None
                 orig_save = torch.save
 
-                def dying_save(*a, **k):
-                    orig_save(*a, **k)
+                def dying_save(*a, _save=orig_save, **k):
+                    _save(*a, **k)
                     os.kill(os.getpid(), signal.SIGKILL)
 
                 torch.save = dying_save
