@@ -1,0 +1,37 @@
+import pytest
+import torch
+
+from common.distributed import ParallelDims, build_mesh, init_distributed
+from tests.multiproc import run_on_ranks
+
+
+def test_parallel_dims_fill_dp_shard_and_reject_bad_layouts():
+    assert ParallelDims(cp=2).resolve(8) == ParallelDims(1, 4, 2, 1)
+    assert ParallelDims(dp_replicate=2, pair=2).resolve(8).dp_shard == 2
+    with pytest.raises(ValueError, match="not divisible by dp_replicate\\*cp\\*pair"):
+        ParallelDims(cp=3).resolve(8)
+    with pytest.raises(ValueError, match="does not equal the world size 8"):
+        ParallelDims(dp_shard=2, cp=2).resolve(8)
+    with pytest.raises(ValueError, match="pair must be 1 or 2"):
+        ParallelDims(pair=4).resolve(8)
+
+
+def test_single_process_without_launcher(monkeypatch):
+    for var in ("WORLD_SIZE", "RANK", "LOCAL_RANK"):
+        monkeypatch.delenv(var, raising=False)
+    info = init_distributed()
+    assert (info.rank, info.world_size, info.backend) == (0, 1, None)
+
+
+def _mesh_worker(rank, world):
+    info = init_distributed()
+    mesh = build_mesh(ParallelDims(pair=2))
+    x = torch.tensor([float(rank)])
+    torch.distributed.all_reduce(x, group=mesh["pair"].get_group())
+    return info.backend, mesh.mesh_dim_names, mesh["dp_shard"].size(), mesh["pair"].size(), x.item()
+
+
+def test_build_mesh_on_two_ranks():
+    for backend, names, dp, pair, total in run_on_ranks(_mesh_worker, 2):
+        assert backend == "gloo" and names == ("dp_replicate", "dp_shard", "pair", "cp")
+        assert (dp, pair, total) == (1, 2, 1.0)
