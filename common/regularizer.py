@@ -25,12 +25,14 @@ Paths, which give the same update (tests/common/test_regularizer.py):
   grad); the reference; n + B_T full gradients in memory; single process only.
 - `ghost`: one forward per batch and one backward that stops at module outputs (no
   weight gradients). For `nn.Linear` the Gram entries come from layer inputs X and output
-  gradients G: <g_i, g_j> = sum_{s,t} (X_i X_j^T)_{st} (G_i G_j^T)_{st}; when one layer's
-  per-sample gradients are cheaper to form than the T x T products (`ghost_pairs="auto"`)
-  they are formed for that layer alone and freed at once. Embeddings use the touched rows
-  only; other modules (norms) get per-sample gradients of their own few parameters from
-  their captured input and output gradient. The update of each layer is
-  b * g_T + (a-weighted G)^T X, formed from the captured tensors.
+  gradients G: <g_i, g_j> = sum_{s,t} (X_i X_j^T)_{st} (G_i G_j^T)_{st}. With
+  `ghost_pairs="auto"`, a layer whose per-sample gradients are cheaper to form than the
+  T x T products (T tokens per sample) gets them formed for that layer alone and freed
+  before the next layer; with `granularity="layer"` on one process the layer is then
+  solved and written at once from them. `ghost_pairs="ghost"` never forms them.
+  Embeddings use the touched rows only; other modules (norms) get per-sample gradients of
+  their own few parameters from their captured input and output gradient. The update of
+  each layer is b * g_T + (a-weighted G)^T X, formed from the captured tensors.
 - `sketch`: as `ghost`, but the Gram block of a Linear with at least `sketch_min_numel`
   weights is estimated from Kronecker Gaussian sketches P_o G^T X P_i^T of size
   sketch_dim x sketch_dim (a side no larger than sketch_dim is kept exact). The estimate
@@ -175,20 +177,23 @@ class DataRegularizer:
                 f"holds {n} samples"
             )
         if self.config.path == "materialized":
-            grams, writer, losses = self._materialized(loss_fn, target_batch, general_batch)
+            grams, coefs, losses = self._materialized(loss_fn, target_batch, general_batch)
         else:
-            grams, writer, losses = self._ghost(loss_fn, target_batch, general_batch)
+            grams, coefs, losses = self._ghost(loss_fn, target_batch, general_batch)
+        self.steps += 1
+        return _stats(grams, coefs, losses, len(self.groups))
+
+    def _solve_all(self, grams: dict[str, torch.Tensor]):
+        """Sum partial Gram matrices over shards (one all-reduce), then solve every group."""
         if self.sharded:
             stacked = torch.stack([grams[g.name] for g in self.groups])
             dist.all_reduce(stacked, group=self._shard_group())
             grams = {g.name: stacked[i] for i, g in enumerate(self.groups)}
-        coefs = {}
-        for g in self.groups:
-            b, a = solve_coefficients(grams[g.name], self.config.feasible, self.config.fraction)
-            coefs[g.name] = torch.as_tensor(np.concatenate([[b], a]), dtype=torch.float64)
-        writer(coefs)
-        self.steps += 1
-        return _stats(grams, coefs, losses, len(self.groups))
+        return grams, {name: self._solve(gram) for name, gram in grams.items()}
+
+    def _solve(self, gram: torch.Tensor) -> torch.Tensor:
+        b, a = solve_coefficients(gram, self.config.feasible, self.config.fraction)
+        return torch.as_tensor(np.concatenate([[b], a]), dtype=torch.float64)
 
     # ------------------------------------------------------------ materialized
     def _materialized(self, loss_fn, target_batch, general_batch):
@@ -219,14 +224,12 @@ class DataRegularizer:
             rows = torch.cat([columns[k] for k in params if param_group[k] == g.name], dim=1)
             grams[g.name] = rows @ rows.T
 
-        def write(coefs):
-            pmap = dict(self.model.named_parameters())
-            for k in params:
-                update = coefs[param_group[k]] @ columns[k]
-                _set_grad(pmap[k], update)
-
+        grams, coefs = self._solve_all(grams)
+        pmap = dict(self.model.named_parameters())
+        for k in params:
+            _set_grad(pmap[k], coefs[param_group[k]] @ columns[k])
         losses = (losses_t.mean().item(), losses_g.mean().item())
-        return grams, write, losses
+        return grams, coefs, losses
 
     # ------------------------------------------------------------------ ghost
     def _ghost(self, loss_fn, target_batch, general_batch):
@@ -248,19 +251,27 @@ class DataRegularizer:
         total = losses_t.mean() + losses_g.sum()
         torch.autograd.grad(total, [anchor], allow_unused=True)
         n = losses_g.shape[0]
+        losses = (losses_t.detach().mean().item(), losses_g.detach().mean().item())
+        if self.config.granularity == "layer" and not self.sharded:
+            # each layer is its own group: solve and write at once, so a layer's
+            # per-sample gradients (if formed) live only while that layer is handled
+            grams, coefs = {}, {}
+            for g in self.groups:
+                (name,) = g.modules
+                gram, write = self._module_gram(name, records.pop(name), n, transient=True)
+                grams[g.name], coefs[g.name] = gram, self._solve(gram)
+                write(coefs[g.name])
+            return grams, coefs, losses
         parts = {name: self._module_gram(name, recs, n) for name, recs in records.items()}
         grams = {
             g.name: sum((parts[m][0] for m in g.modules), torch.zeros(n + 1, n + 1, dtype=torch.float64))
             for g in self.groups
         }
-
-        def write(coefs):
-            for g in self.groups:
-                for m in g.modules:
-                    parts[m][1](coefs[g.name])
-
-        losses = (losses_t.detach().mean().item(), losses_g.detach().mean().item())
-        return grams, write, losses
+        grams, coefs = self._solve_all(grams)
+        for g in self.groups:
+            for m in g.modules:
+                parts[m][1](coefs[g.name])
+        return grams, coefs, losses
 
     def _hook(self, records, phase, anchor):
         def hook(module, args, out):
@@ -279,16 +290,20 @@ class DataRegularizer:
 
         return hook
 
-    def _module_gram(self, name: str, recs: dict[str, list[_Record]], n: int):
-        """(Gram contribution (n+1)x(n+1), writer(coef)) for one module's parameters."""
+    def _module_gram(self, name: str, recs: dict[str, list[_Record]], n: int, transient=False):
+        """(Gram contribution (n+1)x(n+1), writer(coef)) for one module's parameters.
+
+        `transient`: the writer is called right away, so per-sample gradients formed for
+        the Gram may be kept inside it (they are used for the update instead of X and G).
+        """
         module = self.modules[name]
         if isinstance(module, nn.Linear):
-            return self._linear(name, module, recs, n)
+            return self._linear(name, module, recs, n, transient)
         if isinstance(module, nn.Embedding):
             return self._embedding(module, recs, n)
         return self._generic(module, recs, n)
 
-    def _linear(self, name, module, recs, n):
+    def _linear(self, name, module, recs, n, transient=False):
         rows = _local_rows(module.weight)
         has_bias = module.bias is not None
 
@@ -313,19 +328,28 @@ class DataRegularizer:
         out_rows = rows.stop - rows.start
         g_target = torch.zeros(out_rows, width) if xt is None else gt[0].T @ xt[0]
         cfg = self.config
+        per_sample = None  # (n, out, width), formed only when cheaper than T x T products
         if xg is not None and cfg.path == "sketch" and out_rows * width >= cfg.sketch_min_numel:
             gram = self._linear_sketch_gram(name, g_target, xg, gg)
         else:
             gram = torch.zeros(n + 1, n + 1, dtype=torch.float64)
             gram[0, 0] = (g_target.double() ** 2).sum()
             if xg is not None:
-                cross = torch.einsum("nto,nto->n", xg @ g_target.T, gg).double()
-                gram[0, 1:] = gram[1:, 0] = cross
-                gram[1:, 1:] = self._linear_pairs(xg, gg)
+                if self._materialize_pairs(xg, gg, transient):
+                    per_sample = torch.einsum("nto,nti->noi", gg, xg)
+                    flat = per_sample.reshape(n, -1)
+                    cross = flat @ g_target.reshape(-1)
+                    gram[1:, 1:] = (flat @ flat.T).double()
+                else:
+                    cross = torch.einsum("nto,nto->n", xg @ g_target.T, gg)
+                    gram[1:, 1:] = self._ghost_pairs(xg, gg)
+                gram[0, 1:] = gram[1:, 0] = cross.double()
 
         def write(coef):
             update = coef[0].item() * g_target
-            if xg is not None:
+            if per_sample is not None:
+                update = update + torch.einsum("n,noi->oi", coef[1:].to(per_sample.dtype), per_sample)
+            elif xg is not None:
                 a = coef[1:].to(gg.dtype)
                 weighted = (gg * a[:, None, None]).reshape(-1, gg.shape[-1])
                 update = update + weighted.T @ xg.reshape(-1, width)
@@ -336,18 +360,32 @@ class DataRegularizer:
 
         return gram, write
 
-    def _linear_pairs(self, xg, gg):
-        """Gram of the general per-sample gradients G_i^T X_i of one Linear."""
+    def _materialize_pairs(self, xg, gg, transient: bool) -> bool:
+        """Form one layer's per-sample gradients when that beats T x T ghost products.
+
+        Outside `transient` mode they would be kept until all groups are solved, which
+        for `model`/`block` granularity would hold n gradients of the whole group, so
+        the (T x T) ghost products are used there and the per-sample block is freed at once.
+        """
         n, T, width = xg.shape
         out = gg.shape[-1]
         ghost_cost = n * n * T * T * (width + out)
         materialize_cost = n * T * width * out + n * n * width * out
-        if self.config.ghost_pairs == "ghost" or ghost_cost <= materialize_cost:
-            xx = torch.einsum("nti,msi->nmts", xg, xg)
-            gg2 = torch.einsum("nto,mso->nmts", gg, gg)
-            return (xx * gg2).sum((2, 3)).double()
-        per_sample = torch.einsum("nto,nti->noi", gg, xg).reshape(n, -1)
-        return (per_sample @ per_sample.T).double()
+        return self.config.ghost_pairs == "auto" and materialize_cost < ghost_cost and transient
+
+    def _ghost_pairs(self, xg, gg):
+        """Gram of the general per-sample gradients G_i^T X_i of one Linear, from T x T
+        products of inputs and of output gradients (no per-sample gradient formed)."""
+        n, T, width = xg.shape
+        out = gg.shape[-1]
+        ghost_cost = n * n * T * T * (width + out)
+        materialize_cost = n * T * width * out + n * n * width * out
+        if self.config.ghost_pairs == "auto" and materialize_cost < ghost_cost:
+            per_sample = torch.einsum("nto,nti->noi", gg, xg).reshape(n, -1)
+            return (per_sample @ per_sample.T).double()  # freed on return
+        xx = torch.einsum("nti,msi->nmts", xg, xg)
+        gg2 = torch.einsum("nto,mso->nmts", gg, gg)
+        return (xx * gg2).sum((2, 3)).double()
 
     def _linear_sketch_gram(self, name, g_target, xg, gg):
         """Gram of Kronecker sketches Po^T g Pi of [g_T, g_1..g_n] (unbiased estimate)."""
