@@ -96,3 +96,20 @@ def test_activation_checkpointing_same_grads_fewer_saved_bytes(kind):
         assert torch.allclose(p.grad, q.grad, rtol=1e-5, atol=1e-7), name
     assert set(plain.state_dict()) == set(ckpt.state_dict())
     assert bytes_ckpt < 0.7 * bytes_plain, (bytes_ckpt, bytes_plain)
+
+
+def _bf16_worker(rank, world):
+    model = tiny.tiny_wan()
+    apply_fsdp(model, param_dtype="bfloat16", reduce_dtype="float32")
+    x, t, text, target = tiny.wan_batch(2)
+    loss = tiny.wan_loss(model, x, t, text, target)
+    loss.backward()
+    grads = full_grads(model)
+    return loss.item(), {g.dtype for g in grads.values()}, {p.dtype for p in model.parameters()}
+
+
+def test_fsdp_bf16_params_fp32_reduce():
+    ref = tiny.wan_loss(tiny.tiny_wan(), *tiny.wan_batch(2)).item()
+    for loss, grad_dtypes, param_dtypes in run_on_ranks(_bf16_worker, 2):
+        assert grad_dtypes == {torch.float32} and param_dtypes == {torch.float32}
+        assert loss != ref and abs(loss - ref) < 0.05 * abs(ref)  # computed in bf16, close
