@@ -37,8 +37,9 @@ def tiny_qwen3(
         bos_token_id=None,
         attn_implementation="sdpa",
     )
-    torch.manual_seed(seed)
-    return Qwen3ForCausalLM(config)
+    with torch.random.fork_rng():  # the caller's RNG stream is left as it was
+        torch.manual_seed(seed)
+        return Qwen3ForCausalLM(config)
 
 
 def load_model(path: str | Path, dtype: torch.dtype = torch.float32) -> PreTrainedModel:

@@ -1,0 +1,108 @@
+"""Dataclass configs of the llmpost pipeline; YAML files in configs/llm/ fill them.
+
+One place for each default: DAPO's knobs carry the paper's values (clip 0.2 / 0.28,
+token-level loss, dynamic sampling, overlong buffer, no KL).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from llmpost.rollout import GenerationConfig
+
+
+@dataclass
+class TinyModelConfig:
+    """A randomly initialised Qwen3, used when `model.path` is empty (demo, tests)."""
+
+    hidden_size: int = 128
+    num_layers: int = 2
+    num_heads: int = 4
+    num_kv_heads: int = 2
+    intermediate_size: int = 256
+    max_positions: int = 256
+
+
+@dataclass
+class ModelConfig:
+    path: str | None = None  # local HF directory (safetensors + config.json)
+    tokenizer: str | None = None  # defaults to `path`
+    dtype: str = "float32"  # float32 | bfloat16 (the master weights)
+    param_dtype: str | None = None  # FSDP compute dtype, e.g. bfloat16 on GPUs
+    activation_checkpointing: int = 0  # every k-th block
+    tiny: TinyModelConfig = field(default_factory=TinyModelConfig)
+
+
+@dataclass
+class DataConfig:
+    sns_train: list[str] = field(default_factory=list)  # JSONL task files
+    general_train: list[str] = field(default_factory=list)
+    sns_eval: list[str] = field(default_factory=list)
+    general_eval: list[str] = field(default_factory=list)
+    chat_kwargs: dict[str, bool] = field(default_factory=dict)  # e.g. enable_thinking: false
+
+
+@dataclass
+class DapoConfig:
+    steps: int = 50
+    prompts_per_step: int = 32  # groups per update, over all ranks
+    group_size: int = 8
+    general_fraction: float = 0.2  # share of general prompts in the rollout pool
+    lr: float = 1e-4
+    weight_decay: float = 0.0
+    grad_clip: float = 1.0
+    epochs: int = 1  # passes over each rollout batch
+    mini_batches: int = 1  # optimizer steps per pass, against the same old log-probs
+    micro_batch_size: int = 0  # sequences per forward (0: the whole mini-batch)
+    eps_low: float = 0.2
+    eps_high: float = 0.28
+    dual_clip: float | None = None  # verl uses 3.0
+    dynamic_sampling: bool = True
+    max_extra_rounds: int = 3
+    overlong_buffer: int = 0  # tokens before max_new_tokens where the penalty starts
+    overlong_factor: float = 1.0
+    hard_examples: bool = False  # stage 3: keep prompts the model does not yet solve greedily
+    hard_probe_per_task: int = 64
+    save_every: int = 10
+    generation: GenerationConfig = field(default_factory=GenerationConfig)
+
+
+@dataclass
+class SftConfig:
+    steps: int = 100
+    batch_size: int = 32  # sequences per step, over all ranks
+    lr: float = 1e-3
+    weight_decay: float = 0.0
+    grad_clip: float = 1.0
+    general_fraction: float = 0.05  # paper: about 100K general of 1.8M
+    general_mode: str = "mix"  # mix (the only mode until common.regularizer lands)
+    packing: bool = False
+    max_length: int = 256  # packed row length, or truncation length when padding
+    save_every: int = 25
+
+
+@dataclass
+class DiagnoseConfig:
+    threshold: float = 0.8  # tasks scoring below are weak
+    bottom_k: int = 0  # also mark the k lowest SNS tasks weak (0: threshold only)
+    weak_weight: float = 3.0  # stage-2 sampling weight of a weak task (others 1)
+
+
+@dataclass
+class EvalConfig:
+    per_task: int = 64  # eval rows per task (0: all)
+    max_new_tokens: int = 16
+    batch_size: int = 256
+
+
+@dataclass
+class PipelineConfig:
+    run_dir: str = "runs/llmpost"
+    seed: int = 0
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    stage1: DapoConfig = field(default_factory=DapoConfig)
+    diagnose: DiagnoseConfig = field(default_factory=DiagnoseConfig)
+    stage2: SftConfig = field(default_factory=SftConfig)
+    stage3: DapoConfig = field(default_factory=lambda: DapoConfig(hard_examples=True))
+    eval: EvalConfig = field(default_factory=EvalConfig)

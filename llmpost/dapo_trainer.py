@@ -1,0 +1,272 @@
+"""The DAPO training loop of stages 1 and 3: sample groups, score, keep informative
+groups, then several mini-batch updates against the old log-probs.
+
+Each rank samples its share of the prompts; the policy is FSDP2-sharded and the loss of
+a mini-batch is the token mean over the tokens of all ranks (`dapo_update`), so N ranks
+take the same step as one process with the whole batch.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import time
+from collections import defaultdict
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from common.checkpoint import Checkpointer
+from common.metrics import MetricsLogger
+from llmpost.config import DapoConfig
+from llmpost.dapo import (
+    SampledGroup,
+    clipped_tokens,
+    dynamic_sample,
+    group_advantages,
+    overlong_penalty,
+    policy_loss,
+)
+from llmpost.data import TaskRecord, encode_prompt, mix
+from llmpost.policy import any_rank, global_sum, rank_and_world
+from llmpost.rewards import RewardRegistry
+from llmpost.rollout import HFRollout, pack_right_padded, token_logprobs
+
+logger = logging.getLogger(__name__)
+
+
+class StageInterrupted(RuntimeError):
+    """Raised by the `stop_after` test hook, as if the process had been killed."""
+
+
+@dataclass
+class PolicyBatch:
+    """Sequences of one update, consecutive groups; old log-probs per response token."""
+
+    prompts: list[list[int]]
+    responses: list[list[int]]
+    old_logprobs: list[list[float]]
+    advantages: torch.Tensor  # (B,)
+    tasks: list[str]
+
+    def __len__(self) -> int:
+        return len(self.responses)
+
+    def select(self, index: list[int]) -> PolicyBatch:
+        return PolicyBatch(
+            [self.prompts[i] for i in index], [self.responses[i] for i in index],
+            [self.old_logprobs[i] for i in index], self.advantages[index],
+            [self.tasks[i] for i in index],
+        )
+
+
+def _split(n: int, parts: int) -> list[list[int]]:
+    """Contiguous, near-equal index chunks (some may be empty)."""
+    bounds = [round(i * n / parts) for i in range(parts + 1)]
+    return [list(range(bounds[i], bounds[i + 1])) for i in range(parts)]
+
+
+def dapo_update(
+    model: torch.nn.Module, optimizer: torch.optim.Optimizer, batch: PolicyBatch,
+    cfg: DapoConfig, pad_id: int,
+) -> dict[str, Any]:
+    """`epochs` x `mini_batches` optimizer steps on `batch` (this rank's share).
+
+    Every rank runs the same number of forwards (an empty share runs one masked dummy
+    row) because FSDP's collectives must match. Returns per-sequence clip fraction and
+    entropy for the metrics.
+    """
+    _, world = rank_and_world()
+    clip_frac = torch.zeros(len(batch))
+    entropy = torch.zeros(len(batch))
+    losses = []
+    temperature = cfg.generation.temperature
+    for _ in range(cfg.epochs):
+        for mb_index in _split(len(batch), cfg.mini_batches):
+            mb = batch.select(mb_index)
+            local_tokens = float(sum(len(r) for r in mb.responses))
+            # DP averages gradients over ranks: scale the denominator so the result is the
+            # token mean over the whole (all-rank) mini-batch.
+            denom = global_sum(local_tokens) / world
+            optimizer.zero_grad(set_to_none=True)
+            micro = cfg.micro_batch_size or max(1, len(mb))
+            chunks = [mb_index[i : i + micro] for i in range(0, len(mb_index), micro)] or [[]]
+            n_chunks = _max_over_ranks(len(chunks))
+            chunks += [[]] * (n_chunks - len(chunks))
+            mb_loss = 0.0
+            for chunk in chunks:
+                part = batch.select(chunk)
+                if len(part) == 0:  # keep collectives in step: a masked dummy row
+                    prompts, responses, old, adv = [[pad_id]], [[pad_id]], [[0.0]], torch.zeros(1)
+                    weight = 0.0
+                else:
+                    prompts, responses = part.prompts, part.responses
+                    old, adv, weight = part.old_logprobs, part.advantages, 1.0
+                ids, attn, mask = pack_right_padded(prompts, responses, pad_id)
+                device = next(model.parameters()).device
+                logp, ent = token_logprobs(model, ids.to(device), attn.to(device), temperature,
+                                           with_entropy=True)
+                old_t = torch.zeros_like(logp)
+                for b, o in enumerate(old):
+                    idx = mask[b].nonzero().squeeze(-1)[: len(o)]
+                    old_t[b, idx] = torch.tensor(o, dtype=old_t.dtype)
+                mask = mask.to(device) * weight
+                loss = policy_loss(logp, old_t, adv.to(device), mask, cfg.eps_low, cfg.eps_high,
+                                   cfg.dual_clip, num_tokens=max(denom, 1.0))
+                loss.backward()
+                mb_loss += loss.item()
+                if weight:
+                    clipped = clipped_tokens(logp.detach(), old_t, adv.to(device),
+                                             cfg.eps_low, cfg.eps_high).float()
+                    lengths = mask.sum(1).clamp(min=1)
+                    clip_frac[chunk] = ((clipped * mask).sum(1) / lengths).cpu()
+                    entropy[chunk] = ((ent * mask).sum(1) / lengths).cpu()
+            if cfg.grad_clip:
+                torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+            optimizer.step()
+            losses.append(mb_loss)
+    return {"loss": sum(losses) / max(1, len(losses)), "clip_frac": clip_frac, "entropy": entropy}
+
+
+def _max_over_ranks(value: int) -> int:
+    import torch.distributed as dist
+
+    if not dist.is_initialized():
+        return value
+    t = torch.tensor([value])
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return int(t.item())
+
+
+def score_responses(
+    records: list[TaskRecord], texts: list[str], registry: RewardRegistry
+) -> list[float]:
+    return [registry.score(r.reward, r.prompt_text(), t, r.reference, r.meta)
+            for r, t in zip(records, texts)]
+
+
+def train_dapo(
+    model: torch.nn.Module,
+    tokenizer: Any,
+    target: list[TaskRecord],
+    general: list[TaskRecord],
+    cfg: DapoConfig,
+    registry: RewardRegistry,
+    stage_dir: str | Path,
+    seed: int = 0,
+    chat_kwargs: dict | None = None,
+    stop_after: int | None = None,
+    on_step: Callable[[int, dict], None] | None = None,
+) -> dict[str, float]:
+    """Run DAPO for `cfg.steps` steps, resuming from `stage_dir/checkpoints` if present."""
+    stage_dir = Path(stage_dir)
+    rank, world = rank_and_world()
+    # Sampling RNG from the stage's seed (a resumed run gets it back from the checkpoint).
+    torch.manual_seed(seed + 7919 * rank)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    checkpointer = Checkpointer(stage_dir / "checkpoints")
+    start = checkpointer.load(model=model, optimizer=optimizer) or 0
+    metrics_log = MetricsLogger(stage_dir, enabled=rank == 0)
+    rollout = HFRollout(model, tokenizer, cfg.generation)
+    groups_per_rank = max(1, cfg.prompts_per_step // world)
+    prompt_cache: dict[str, list[int]] = {}
+    last: dict[str, float] = {}
+    if start:
+        logger.info("DAPO: resuming at step %d of %d", start, cfg.steps)
+
+    for step in range(start, cfg.steps):
+        t0 = time.perf_counter()
+
+        def sample_round(round_index: int, step: int = step) -> list[SampledGroup]:
+            rng = random.Random(f"{seed}/dapo/{step}/{round_index}/{rank}")
+            records = mix(target, general, groups_per_rank, cfg.general_fraction, rng)
+            prompts = []
+            for r in records:
+                if r.id not in prompt_cache:
+                    prompt_cache[r.id] = encode_prompt(tokenizer, r, chat_kwargs)
+                prompts.append(prompt_cache[r.id])
+            out = rollout.generate(prompts, cfg.group_size)
+            expanded = [r for r in records for _ in range(cfg.group_size)]
+            correct = score_responses(expanded, out.texts, registry)
+            shaped = torch.tensor(correct) + overlong_penalty(
+                torch.tensor(out.lengths), cfg.generation.max_new_tokens,
+                cfg.overlong_buffer, cfg.overlong_factor)
+            groups = []
+            for g, record in enumerate(records):
+                sl = slice(g * cfg.group_size, (g + 1) * cfg.group_size)
+                groups.append(SampledGroup(shaped[sl].tolist(), data={
+                    "record": record, "prompt": out.prompt_ids[sl.start],
+                    "responses": out.response_ids[sl], "logprobs": out.logprobs[sl],
+                    "lengths": out.lengths[sl], "truncated": out.truncated[sl],
+                    "correct": correct[sl],
+                }))
+            return groups
+
+        if cfg.dynamic_sampling:
+            result = dynamic_sample(sample_round, groups_per_rank, cfg.max_extra_rounds,
+                                    keep_going=any_rank)
+            kept, seen = result.groups, result.groups + result.dropped
+        else:
+            kept = seen = list(sample_round(0))
+        generated_tokens = sum(sum(g.data["lengths"]) for g in seen)
+
+        batch = PolicyBatch(
+            prompts=[g.data["prompt"] for g in kept for _ in range(cfg.group_size)],
+            responses=[r for g in kept for r in g.data["responses"]],
+            old_logprobs=[lp for g in kept for lp in g.data["logprobs"]],
+            advantages=(group_advantages(torch.tensor([x for g in kept for x in g.rewards]),
+                                         cfg.group_size) if kept else torch.zeros(0)),
+            tasks=[g.data["record"].task for g in kept for _ in range(cfg.group_size)],
+        )
+        if any_rank(len(batch) > 0):
+            update = dapo_update(model, optimizer, batch, cfg, tokenizer.pad_token_id)
+        else:
+            logger.warning("DAPO step %d: no informative group on any rank; update skipped", step)
+            update = {"loss": 0.0, "clip_frac": torch.zeros(0), "entropy": torch.zeros(0)}
+
+        metrics = _step_metrics(seen, kept, batch, update, cfg.group_size)
+        metrics.update(step_time_s=time.perf_counter() - t0,
+                       tokens_per_s=generated_tokens / max(1e-9, time.perf_counter() - t0))
+        metrics_log.log(step + 1, metrics)
+        if on_step is not None:
+            on_step(step + 1, metrics)
+        last = metrics
+        if (step + 1) % cfg.save_every == 0 or step + 1 == cfg.steps:
+            checkpointer.save(step + 1, model=model, optimizer=optimizer)
+        if stop_after is not None and step + 1 == stop_after:
+            metrics_log.close()
+            raise StageInterrupted(f"stopped after step {step + 1} (test hook)")
+    metrics_log.close()
+    return last
+
+
+def _step_metrics(seen: list[SampledGroup], kept: list[SampledGroup], batch: PolicyBatch,
+                  update: dict[str, Any], group_size: int) -> dict[str, float]:
+    """Reward, accuracy, length, truncation and kept share per task; clip fraction and
+    entropy per task over the trained sequences; and their overall means."""
+    per_task: dict[str, dict[str, list[float]]] = defaultdict(lambda: defaultdict(list))
+    kept_ids = {id(g) for g in kept}
+    for g in seen:
+        task = g.data["record"].task
+        per_task[task]["reward"] += g.rewards
+        per_task[task]["accuracy"] += [float(c >= 1.0) for c in g.data["correct"]]
+        per_task[task]["response_length"] += [float(x) for x in g.data["lengths"]]
+        per_task[task]["truncated"] += [float(x) for x in g.data["truncated"]]
+        per_task[task]["kept_share"].append(float(id(g) in kept_ids))
+    for i, task in enumerate(batch.tasks):
+        if i < len(update["clip_frac"]):
+            per_task[task]["clip_frac"].append(float(update["clip_frac"][i]))
+            per_task[task]["entropy"].append(float(update["entropy"][i]))
+    out: dict[str, float] = {"loss": float(update["loss"])}
+    totals: dict[str, list[float]] = defaultdict(list)
+    for task, values in sorted(per_task.items()):
+        for name, xs in values.items():
+            if xs:
+                out[f"{task}/{name}"] = sum(xs) / len(xs)
+                totals[name] += xs
+    for name, xs in totals.items():
+        out[name] = sum(xs) / len(xs)
+    return out

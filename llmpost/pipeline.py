@@ -1,0 +1,188 @@
+"""`llmpost run --config CFG [--stage N]`: the RedOne 2.0 pipeline, one stage at a time.
+
+    base -> stage 1 exploratory DAPO on the SNS + general pool -> diagnose (capability map)
+         -> stage 2 targeted SFT (every SNS task, weak ones up-weighted, general share)
+         -> stage 3 refinement DAPO on hard examples
+
+Layout under `run_dir`: `base/`, `stage1/`, `stage2/`, `stage3/`, each with `model/`
+(save_pretrained), `checkpoints/`, `metrics.jsonl`, `eval.json` and `done.json`;
+`stage1/capability_map.{json,png}`. A stage with `done.json` is skipped; an unfinished
+one resumes from its last checkpoint.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from common.config import add_config_args, config_from_args, save_config
+from common.errors import ConfigError
+from llmpost.config import PipelineConfig
+from llmpost.dapo_trainer import train_dapo
+from llmpost.data import TaskRecord, load_many
+from llmpost.diagnose import capability_map, write_capability_map
+from llmpost.evaluate import eval_records, evaluate_tasks, format_scores, score_rows
+from llmpost.policy import build_policy, rank_and_world, save_policy, shard_policy
+from llmpost.rewards import RewardRegistry, default_registry
+from llmpost.sft import train_sft
+from llmpost.tokenizer import load_tokenizer
+
+logger = logging.getLogger(__name__)
+
+HELP = "run the three-stage pipeline (or one stage with --stage N); resumes where it stopped"
+STAGE_NAMES = {1: "exploratory RL (DAPO)", 2: "targeted SFT", 3: "refinement RL (DAPO)"}
+
+
+def stage_dir(cfg: PipelineConfig, stage: int) -> Path:
+    return Path(cfg.run_dir) / ("base" if stage == 0 else f"stage{stage}")
+
+
+def is_done(cfg: PipelineConfig, stage: int) -> bool:
+    return (stage_dir(cfg, stage) / "done.json").exists()
+
+
+def model_dir(cfg: PipelineConfig, stage: int) -> Path:
+    """Where stage `stage`'s model lives; stage 0 is the base (`model.path`, or the tiny
+    model the pipeline builds once under `base/model`)."""
+    if stage == 0 and cfg.model.path:
+        return Path(cfg.model.path)
+    return stage_dir(cfg, stage) / "model"
+
+
+def latest_model_dir(cfg: PipelineConfig) -> Path:
+    for stage in (3, 2, 1):
+        if is_done(cfg, stage):
+            return model_dir(cfg, stage)
+    return model_dir(cfg, 0)
+
+
+def _load_data(cfg: PipelineConfig) -> dict[str, list[TaskRecord]]:
+    data = cfg.data
+    if not data.sns_train:
+        raise ConfigError("data.sns_train: at least one JSONL task file is expected")
+    return {
+        "sns_train": load_many(data.sns_train), "general_train": load_many(data.general_train),
+        "eval": eval_records(load_many(data.sns_eval + data.general_eval), cfg.eval.per_task),
+    }
+
+
+def prepare_base(cfg: PipelineConfig) -> Path:
+    """The base model directory; builds and saves the tiny model when no path is given."""
+    out = model_dir(cfg, 0)
+    if (out / "config.json").exists():
+        return out
+    if cfg.model.path:
+        raise FileNotFoundError(f"model.path {out} has no config.json")
+    if not cfg.model.tokenizer:
+        raise ConfigError("model.tokenizer: a tokenizer directory is needed to build the tiny model")
+    tokenizer = load_tokenizer(cfg.model.tokenizer)
+    model = build_policy(cfg.model, tokenizer, None, seed=cfg.seed)
+    return save_policy(model, tokenizer, out)
+
+
+def evaluate_model(cfg: PipelineConfig, path: Path, tokenizer: Any, records: list[TaskRecord],
+                   registry: RewardRegistry) -> dict[str, Any]:
+    model = shard_policy(build_policy(cfg.model, tokenizer, path), cfg.model)
+    return evaluate_tasks(model, tokenizer, records, registry, cfg.eval, cfg.data.chat_kwargs)
+
+
+def _write_json(path: Path, payload: Any) -> None:
+    if rank_and_world()[0] == 0:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".json.tmp")
+        tmp.write_text(json.dumps(payload, indent=2))
+        tmp.replace(path)
+
+
+def hard_examples(model: torch.nn.Module, tokenizer: Any, cfg: PipelineConfig,
+                  pool: list[TaskRecord], registry: RewardRegistry) -> list[TaskRecord]:
+    """Records of a probe (first `hard_probe_per_task` per task) the model gets wrong greedily;
+    the whole pool when it solves them all."""
+    probe = eval_records(pool, cfg.stage3.hard_probe_per_task)
+    rows = score_rows(model, tokenizer, probe, registry, cfg.eval, cfg.data.chat_kwargs)
+    wrong = {r["id"] for r in rows if r["score"] < 1.0}
+    hard = [r for r in probe if r.id in wrong]
+    logger.info("stage 3: %d hard examples of %d probed", len(hard), len(probe))
+    return hard or pool
+
+
+def run_stage(cfg: PipelineConfig, stage: int, registry: RewardRegistry | None = None,
+              stop_after: int | None = None) -> dict[str, Any]:
+    """Train (or resume) one stage, save its model, evaluate it; returns its evaluation."""
+    registry = registry or default_registry()
+    out = stage_dir(cfg, stage)
+    if is_done(cfg, stage):
+        return json.loads((out / "eval.json").read_text())
+    data = _load_data(cfg)
+    if stage == 0:
+        base = prepare_base(cfg)
+        tokenizer = load_tokenizer(base)
+        result = evaluate_model(cfg, base, tokenizer, data["eval"], registry)
+        _finish(out, result)
+        return result
+    previous = model_dir(cfg, stage - 1)
+    if stage > 1 and not is_done(cfg, stage - 1):
+        raise ConfigError(f"stage {stage} needs stage {stage - 1} first (no {stage_dir(cfg, stage - 1)}/done.json)")
+    if stage == 1:
+        previous = prepare_base(cfg)
+    logger.info("stage %d: %s from %s", stage, STAGE_NAMES[stage], previous)
+    tokenizer = load_tokenizer(previous)
+    model = shard_policy(build_policy(cfg.model, tokenizer, previous), cfg.model)
+    seed = cfg.seed * 1000 + stage
+    chat = cfg.data.chat_kwargs
+    if stage == 1:
+        train_dapo(model, tokenizer, data["sns_train"], data["general_train"], cfg.stage1,
+                   registry, out, seed, chat, stop_after)
+    elif stage == 2:
+        cap = json.loads((stage_dir(cfg, 1) / "capability_map.json").read_text())
+        train_sft(model, tokenizer, data["sns_train"], data["general_train"], cfg.stage2, out,
+                  seed, task_weights=cap["weights"], chat_kwargs=chat, stop_after=stop_after)
+    else:
+        pool = data["sns_train"]
+        if cfg.stage3.hard_examples:
+            pool = hard_examples(model, tokenizer, cfg, pool, registry)
+        train_dapo(model, tokenizer, pool, data["general_train"], cfg.stage3, registry, out,
+                   seed, chat, stop_after)
+    save_policy(model, tokenizer, out / "model")
+    result = evaluate_tasks(model, tokenizer, data["eval"], registry, cfg.eval, chat)
+    if stage == 1 and rank_and_world()[0] == 0:
+        write_capability_map(capability_map(result, cfg.diagnose), out)
+    _finish(out, result)
+    return result
+
+
+def _finish(out: Path, result: dict[str, Any]) -> None:
+    _write_json(out / "eval.json", result)
+    _write_json(out / "done.json", {"sns_avg": result["sns_avg"], "general_avg": result["general_avg"]})
+
+
+def run_pipeline(cfg: PipelineConfig, stages: tuple[int, ...] = (0, 1, 2, 3),
+                 registry: RewardRegistry | None = None) -> dict[int, dict[str, Any]]:
+    if rank_and_world()[0] == 0:
+        save_config(cfg, cfg.run_dir)
+    return {stage: run_stage(cfg, stage, registry) for stage in stages}
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    add_config_args(parser)
+    parser.add_argument("--stage", type=int, choices=[1, 2, 3],
+                        help="run only this stage (earlier ones must be done)")
+
+
+def run(args: argparse.Namespace) -> int:
+    from common.distributed import init_distributed
+
+    init_distributed()
+    cfg = config_from_args(PipelineConfig, args)
+    stages = (args.stage,) if args.stage else (0, 1, 2, 3)
+    results = run_pipeline(cfg, stages)
+    if rank_and_world()[0] == 0:
+        for stage, result in results.items():
+            print(f"== {'base' if stage == 0 else f'stage {stage}'} ==")
+            print(format_scores(result))
+    return 0

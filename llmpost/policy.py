@@ -1,0 +1,73 @@
+"""The policy model's life cycle in a stage: load, shard with FSDP2, save; and the few
+cross-rank reductions the trainers need (token counts, "does any rank need more").
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from common.fsdp import apply_fsdp, full_state_dict
+from llmpost.config import ModelConfig
+from llmpost.model import load_model, tiny_qwen3
+
+
+def rank_and_world() -> tuple[int, int]:
+    if dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def global_sum(value: float) -> float:
+    """Sum of a float over all ranks (the value itself on one process)."""
+    if not dist.is_initialized():
+        return float(value)
+    t = torch.tensor([float(value)], dtype=torch.float64)
+    dist.all_reduce(t)
+    return float(t.item())
+
+
+def any_rank(flag: bool) -> bool:
+    return global_sum(1.0 if flag else 0.0) > 0
+
+
+def build_policy(cfg: ModelConfig, tokenizer: Any, path: str | Path | None, seed: int = 0) -> torch.nn.Module:
+    """The model at `path`, or a fresh tiny Qwen3 sized for `tokenizer` when `path` is None."""
+    if path is not None:
+        dtype = torch.bfloat16 if cfg.dtype in ("bfloat16", "bf16") else torch.float32
+        return load_model(path, dtype)
+    t = cfg.tiny
+    return tiny_qwen3(
+        vocab_size=len(tokenizer), hidden_size=t.hidden_size, num_layers=t.num_layers,
+        num_heads=t.num_heads, num_kv_heads=t.num_kv_heads,
+        intermediate_size=t.intermediate_size, max_positions=t.max_positions,
+        pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id, seed=seed,
+    )
+
+
+def shard_policy(model: torch.nn.Module, cfg: ModelConfig) -> torch.nn.Module:
+    """FSDP2 over all ranks (no-op on one process, apart from activation checkpointing)."""
+    return apply_fsdp(model, param_dtype=cfg.param_dtype,
+                      ac_every=cfg.activation_checkpointing)
+
+
+def save_policy(model: torch.nn.Module, tokenizer: Any, out_dir: str | Path) -> Path:
+    """Unsharded `save_pretrained` (safetensors) + tokenizer; rank 0 writes, all take part."""
+    out_dir = Path(out_dir)
+    state = full_state_dict(model)
+    rank, _ = rank_and_world()
+    if rank == 0:
+        tmp = out_dir.with_name(out_dir.name + ".tmp")
+        model.save_pretrained(str(tmp), state_dict=state)
+        tokenizer.save_pretrained(str(tmp))
+        if out_dir.exists():
+            import shutil
+
+            shutil.rmtree(out_dir)
+        tmp.rename(out_dir)
+    if dist.is_initialized():
+        dist.barrier()
+    return out_dir

@@ -1,0 +1,80 @@
+"""FSDP2 on 2 gloo processes takes the same DAPO update as one process with the whole
+batch (token-level mean over all ranks, several mini-batches, micro-batches, clipping)."""
+
+import random
+
+import torch
+
+from common.fsdp import apply_fsdp, full_state_dict
+from llmpost.config import DapoConfig
+from llmpost.dapo_trainer import PolicyBatch, dapo_update
+from llmpost.model import tiny_qwen3
+from llmpost.rollout import pack_right_padded, token_logprobs
+from tests.multiproc import run_on_ranks
+
+VOCAB, PAD = 40, 0
+
+
+def _model():
+    return tiny_qwen3(VOCAB, hidden_size=32, num_layers=2, num_heads=2, num_kv_heads=1,
+                      intermediate_size=64, max_positions=64, pad_token_id=PAD, eos_token_id=1)
+
+
+def _batch(model, n, seed):
+    rng = random.Random(seed)
+    prompts = [[rng.randrange(2, VOCAB) for _ in range(rng.randint(2, 5))] for _ in range(n)]
+    responses = [[rng.randrange(2, VOCAB) for _ in range(rng.randint(1, 7))] for _ in range(n)]
+    ids, attn, mask = pack_right_padded(prompts, responses, PAD)
+    with torch.no_grad():
+        logp, _ = token_logprobs(model, ids, attn)
+    gen = torch.Generator().manual_seed(seed)
+    old = []
+    for b, r in enumerate(responses):  # old log-probs off by up to +-0.5: some ratios clip
+        cur = logp[b][mask[b].bool()]
+        old.append((cur + (torch.rand(len(r), generator=gen) - 0.5)).tolist())
+    adv = torch.randn(n, generator=gen)
+    return PolicyBatch(prompts, responses, old, adv, ["t"] * n)
+
+
+def _cfg():
+    return DapoConfig(epochs=2, mini_batches=2, micro_batch_size=2, grad_clip=0.5, lr=1e-2,
+                      dual_clip=3.0)
+
+
+def _update(model, batch):
+    opt = torch.optim.AdamW(model.parameters(), lr=_cfg().lr)
+    dapo_update(model, opt, batch, _cfg(), PAD)
+
+
+def _on_rank(rank, world, state, shards):
+    model = _model()
+    model.load_state_dict(state)
+    apply_fsdp(model)
+    _update(model, shards[rank])
+    return full_state_dict(model)
+
+
+def _cat(*batches):
+    return PolicyBatch(
+        [p for b in batches for p in b.prompts], [r for b in batches for r in b.responses],
+        [o for b in batches for o in b.old_logprobs],
+        torch.cat([b.advantages for b in batches]), [t for b in batches for t in b.tasks])
+
+
+def test_fsdp_two_ranks_match_one_process():
+    torch.manual_seed(0)
+    model = _model()
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    shards = [_batch(model, 6, seed=1), _batch(model, 6, seed=2)]
+    # One process: mini-batch k is the union of the ranks' k-th mini-batches.
+    half = [list(range(0, 3)), list(range(3, 6))]
+    whole = _cat(*(s.select(h) for h in half for s in shards))
+    _update(model, whole)
+    expected = model.state_dict()
+
+    results = run_on_ranks(_on_rank, 2, state, shards)
+    for result in results:
+        for name, value in expected.items():
+            torch.testing.assert_close(result[name], value, rtol=1e-5, atol=1e-6, msg=name)
+    moved = sum((expected[k] - state[k]).abs().sum() for k in state)
+    assert moved > 0

@@ -1,0 +1,130 @@
+"""The three-stage pipeline end to end on a tiny model, its CLI, and per-stage resume."""
+
+import json
+from dataclasses import replace
+
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file
+
+from common.config import to_dict
+from llmpost.cli import main as llmpost_main
+from llmpost.config import (
+    DapoConfig,
+    DataConfig,
+    EvalConfig,
+    ModelConfig,
+    PipelineConfig,
+    SftConfig,
+    TinyModelConfig,
+)
+from llmpost.dapo_trainer import StageInterrupted
+from llmpost.pipeline import run_stage, stage_dir
+from llmpost.rollout import GenerationConfig
+from llmpost.tasks import write_suite
+
+
+@pytest.fixture(scope="module")
+def assets(tmp_path_factory, word_tokenizer):
+    root = tmp_path_factory.mktemp("assets")
+    paths = write_suite(root / "data", n_train=20, n_eval=3, seed=0)
+    word_tokenizer.save_pretrained(str(root / "tokenizer"))
+    return root, paths
+
+
+def _config(assets, run_dir):
+    root, paths = assets
+    gen = GenerationConfig(max_new_tokens=5)
+    return PipelineConfig(
+        run_dir=str(run_dir), seed=0,
+        model=ModelConfig(tokenizer=str(root / "tokenizer"), tiny=TinyModelConfig(
+            hidden_size=32, num_layers=1, num_heads=2, num_kv_heads=1, intermediate_size=64)),
+        data=DataConfig(sns_train=[str(paths["sns_train"])],
+                        general_train=[str(paths["general_train"])],
+                        sns_eval=[str(paths["sns_eval"])], general_eval=[str(paths["general_eval"])]),
+        stage1=DapoConfig(steps=4, prompts_per_step=6, group_size=4, lr=1e-2, save_every=2,
+                          mini_batches=2, max_extra_rounds=1, overlong_buffer=2, generation=gen),
+        stage2=SftConfig(steps=4, batch_size=8, lr=1e-2, general_fraction=0.25, save_every=2),
+        stage3=DapoConfig(steps=2, prompts_per_step=6, group_size=4, lr=1e-2, save_every=1,
+                          hard_examples=True, hard_probe_per_task=3, generation=gen),
+        eval=EvalConfig(per_task=3, max_new_tokens=5),
+    )
+
+
+def _weights(cfg, stage):
+    return load_file(str(stage_dir(cfg, stage) / "model" / "model.safetensors"))
+
+
+def test_pipeline_end_to_end_through_the_cli(assets, tmp_path, capsys):
+    cfg = _config(assets, tmp_path / "run")
+    cfg_file = tmp_path / "pipeline.yaml"
+    cfg_file.write_text(yaml.safe_dump(to_dict(cfg)))
+    assert llmpost_main(["run", "--config", str(cfg_file)]) == 0
+    printed = capsys.readouterr().out
+    assert "== stage 3 ==" in printed and "sns_avg" in printed
+    for stage in (0, 1, 2, 3):
+        out = stage_dir(cfg, stage)
+        result = json.loads((out / "eval.json").read_text())
+        assert set(result["tasks"]) == {"taxonomy", "hashtags", "relevance", "mentions",
+                                        "sentiment", "translation", "arithmetic", "copy_reverse"}
+        assert (out / "done.json").exists() and (out / "model" / "config.json").exists()
+        if stage:
+            assert (out / "metrics.jsonl").exists()
+    cap = json.loads((stage_dir(cfg, 1) / "capability_map.json").read_text())
+    assert (stage_dir(cfg, 1) / "capability_map.png").exists()
+    assert set(cap["weights"]) == set(cap["scores"])  # stage 2 covers every SNS task
+    rl_log = [json.loads(x) for x in (stage_dir(cfg, 1) / "metrics.jsonl").read_text().splitlines()]
+    assert {"reward", "accuracy", "response_length", "kept_share", "loss"} <= set(rl_log[-1])
+    assert any(k.endswith("/kept_share") for k in rl_log[-1])
+    # The stages changed the model.
+    assert any(not torch.equal(_weights(cfg, 1)[k], _weights(cfg, 3)[k]) for k in _weights(cfg, 1))
+
+    # A finished pipeline is skipped on a second call; eval reads the last stage.
+    assert llmpost_main(["run", "--config", str(cfg_file), "--stage", "2"]) == 0
+    assert llmpost_main(["eval", "--config", str(cfg_file)]) == 0
+    printed = capsys.readouterr().out
+    assert str(stage_dir(cfg, 3) / "model") in printed
+    stage3 = json.loads((stage_dir(cfg, 3) / "eval.json").read_text())
+    again = json.loads((tmp_path / "run" / "eval.json").read_text())
+    assert again["tasks"] == stage3["tasks"]
+
+
+def test_stage_needs_the_previous_one(assets, tmp_path, capsys):
+    cfg = _config(assets, tmp_path / "run")
+    cfg_file = tmp_path / "pipeline.yaml"
+    cfg_file.write_text(yaml.safe_dump(to_dict(cfg)))
+    assert llmpost_main(["run", "--config", str(cfg_file), "--stage", "3"]) == 1
+    assert "stage 3 needs stage 2 first" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("stage", [1, 2])
+def test_resume_after_a_killed_stage_gives_the_same_model(assets, tmp_path, stage):
+    straight = _config(assets, tmp_path / "straight")
+    killed = _config(assets, tmp_path / "killed")
+    for cfg in (straight, killed):
+        for earlier in range(stage):
+            run_stage(cfg, earlier)
+    run_stage(straight, stage)
+    with pytest.raises(StageInterrupted):
+        run_stage(killed, stage, stop_after=2)
+    assert not (stage_dir(killed, stage) / "done.json").exists()
+    run_stage(killed, stage)
+    a, b = _weights(straight, stage), _weights(killed, stage)
+    for name in a:
+        torch.testing.assert_close(a[name], b[name], rtol=0, atol=0, msg=name)
+    eval_a = json.loads((stage_dir(straight, stage) / "eval.json").read_text())
+    eval_b = json.loads((stage_dir(killed, stage) / "eval.json").read_text())
+    assert eval_a["tasks"] == eval_b["tasks"]
+    log = [json.loads(x)["step"] for x in
+           (stage_dir(killed, stage) / "metrics.jsonl").read_text().splitlines()]
+    assert log[-1] == (straight.stage1.steps if stage == 1 else straight.stage2.steps)
+
+
+def test_projector_mode_is_refused_until_it_exists(assets, tmp_path):
+    cfg = _config(assets, tmp_path / "run")
+    cfg = replace(cfg, stage2=replace(cfg.stage2, general_mode="projector"))
+    run_stage(cfg, 0)
+    run_stage(replace(cfg, stage1=replace(cfg.stage1, steps=1)), 1)
+    with pytest.raises(ValueError, match="general_mode"):
+        run_stage(cfg, 2)

@@ -1,0 +1,70 @@
+"""SFT's completion-only loss, padding and packing; the capability map and stage-2 weights."""
+
+import json
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from llmpost.config import DiagnoseConfig
+from llmpost.data import encode_prompt, record_from_dict
+from llmpost.diagnose import capability_map, write_capability_map
+from llmpost.sft import IGNORE, build_example, collate_packed, collate_padded, completion_loss
+from llmpost.tasks import generate_task
+from tests.llmpost.conftest import make_tiny_model
+
+
+def test_completion_only_loss_matches_a_per_row_reference(word_tokenizer):
+    model = make_tiny_model(word_tokenizer)
+    records = [record_from_dict(r) for r in generate_task("mentions", 3, 0)]
+    examples = [build_example(word_tokenizer, r) for r in records]
+    for r, (ids, labels) in zip(records, examples):
+        n_prompt = len(encode_prompt(word_tokenizer, r))
+        assert labels[:n_prompt] == [IGNORE] * n_prompt and labels[n_prompt:] == ids[n_prompt:]
+    batch = collate_padded(examples, word_tokenizer.pad_token_id, 256)
+    loss = completion_loss(model, batch)
+    # Reference: each row alone, the answer tokens' cross-entropy summed, over all answers.
+    total, count = 0.0, 0
+    with torch.no_grad():
+        for r, (ids, _) in zip(records, examples):
+            n_prompt = len(encode_prompt(word_tokenizer, r))
+            logits = model(input_ids=torch.tensor([ids])).logits[0]
+            target = torch.tensor(ids[n_prompt:])
+            total += F.cross_entropy(logits[n_prompt - 1 : -1], target, reduction="sum").item()
+            count += len(target)
+    assert loss.item() == pytest.approx(total / count, rel=1e-5)
+
+
+def test_packing_keeps_labels_and_restarts_positions(word_tokenizer):
+    records = [record_from_dict(r) for r in generate_task("taxonomy", 5, 0)]
+    examples = [build_example(word_tokenizer, r) for r in records]
+    length = len(examples[0][0]) + len(examples[1][0]) + 1
+    packed = collate_packed(examples, word_tokenizer.pad_token_id, length)
+    assert packed["input_ids"].shape[0] < len(examples)
+    flat = [t for row, m in zip(packed["labels"].tolist(), packed["attention_mask"].tolist())
+            for t, keep in zip(row, m) if keep]
+    assert flat == [t for _, lab in examples for t in lab]
+    first = packed["position_ids"][0].tolist()
+    n0 = len(examples[0][0])
+    assert first[:n0] == list(range(n0)) and first[n0] == 0
+    # A packed row of one example is the padded row.
+    single = collate_packed(examples[:1], word_tokenizer.pad_token_id, length)
+    model = make_tiny_model(word_tokenizer)
+    padded = collate_padded(examples[:1], word_tokenizer.pad_token_id, length)
+    torch.testing.assert_close(completion_loss(model, single), completion_loss(model, padded))
+
+
+def test_capability_map_weak_tasks_and_weights(tmp_path):
+    evaluation = {
+        "tasks": {"a": 0.9, "b": 0.3, "c": 0.7, "d": 0.95, "math": 0.1},
+        "categories": {"a": "sns", "b": "sns", "c": "sns", "d": "sns", "math": "general"},
+    }
+    cap = capability_map(evaluation, DiagnoseConfig(threshold=0.5, bottom_k=0, weak_weight=3))
+    assert cap["weak"] == ["b"]
+    # every SNS task is covered, weak ones 3x: weights 1, 3, 1, 1 over 6
+    assert cap["weights"] == pytest.approx({"a": 1 / 6, "b": 3 / 6, "c": 1 / 6, "d": 1 / 6})
+    cap = capability_map(evaluation, DiagnoseConfig(threshold=0.5, bottom_k=2, weak_weight=2))
+    assert cap["weak"] == ["b", "c"] and "math" not in cap["weights"]
+    write_capability_map(cap, tmp_path)
+    assert json.loads((tmp_path / "capability_map.json").read_text())["weak"] == ["b", "c"]
+    assert (tmp_path / "capability_map.png").stat().st_size > 0
