@@ -1,8 +1,8 @@
 """Tiny random diffusers video pipelines for tests: Wan2.1 T2V and I2V, saved to a folder.
 
 Everything is built from configs (no downloads): a 2-layer `WanTransformer3DModel`, an
-`AutoencoderKLWan(base_dim=8, num_res_blocks=1)`, a one-layer T5 encoder with a
-word-level tokenizer trained in place, and for I2V a one-layer CLIP vision encoder.
+`AutoencoderKLWan(base_dim=8, num_res_blocks=1)`, a one-layer UMT5 encoder with a
+word-level tokenizer trained in place, and for I2V a two-layer CLIP vision encoder.
 `build_tiny_wan_pipeline(out_dir, task)` saves with `save_pretrained`, so code under
 test loads it back with `from_pretrained(out_dir)` like a real checkpoint. Frame counts
 must be 4k + 1 and sizes multiples of 16 (VAE 8x, patch 2x).
@@ -39,13 +39,13 @@ def tiny_tokenizer():
 
 
 def tiny_text_encoder(vocab_size: int):
-    from transformers import T5Config, T5EncoderModel
+    from transformers import UMT5Config, UMT5EncoderModel
 
-    config = T5Config(
+    config = UMT5Config(
         vocab_size=vocab_size, d_model=TEXT_DIM, d_kv=8, d_ff=64, num_layers=1, num_heads=2,
         relative_attention_num_buckets=8, dropout_rate=0.0,
     )  # fmt: skip
-    return T5EncoderModel(config).eval()
+    return UMT5EncoderModel(config).eval()
 
 
 def tiny_wan_vae():
@@ -67,7 +67,7 @@ def tiny_wan_transformer(task: str = "t2v", image_dim: int | None = None):
 
 
 def tiny_clip_image_encoder():
-    from transformers import CLIPImageProcessor, CLIPVisionConfig, CLIPVisionModelWithProjection
+    from transformers import CLIPImageProcessor, CLIPVisionConfig, CLIPVisionModel
 
     config = CLIPVisionConfig(
         hidden_size=32, projection_dim=32, num_hidden_layers=2, num_attention_heads=2,
@@ -76,7 +76,7 @@ def tiny_clip_image_encoder():
     processor = CLIPImageProcessor(
         size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}
     )
-    return CLIPVisionModelWithProjection(config).eval(), processor
+    return CLIPVisionModel(config).eval(), processor
 
 
 def build_tiny_wan_pipeline(out_dir: str | Path, task: str = "t2v", seed: int = 0) -> Path:

@@ -18,7 +18,7 @@ from torch.utils.data import Dataset
 
 from common.errors import DataError
 from videodpo.data.manifest import ManifestRow, read_manifest_rows, resolve_path
-from videodpo.data.video_io import load_clip, resize_center_crop
+from videodpo.data.video_io import load_clip, load_image
 
 logger = logging.getLogger(__name__)
 
@@ -144,19 +144,7 @@ class PairDataset(_SkippingDataset):
     def _first_frame(self, row: ManifestRow, chosen: torch.Tensor) -> torch.Tensor:
         if not row.data.get("image"):
             return chosen[:, 0]
-        from PIL import Image
-
-        path = self._path(row, "image")
-        try:
-            with Image.open(path) as image:
-                pixels = torch.frombuffer(
-                    bytearray(image.convert("RGB").tobytes()), dtype=torch.uint8
-                )
-                size = image.size
-        except (OSError, ValueError) as err:
-            raise DataError(f"{path}: cannot open image: {err}") from None
-        frame = pixels.view(size[1], size[0], 3).permute(2, 0, 1).float() / 127.5 - 1
-        return resize_center_crop(frame[:, None], chosen.shape[-2], chosen.shape[-1])[:, 0]
+        return load_image(self._path(row, "image"), chosen.shape[-2], chosen.shape[-1])
 
 
 class CachedPairDataset(_SkippingDataset):

@@ -39,8 +39,9 @@ class ManifestRow:
 
 
 def resolve_path(root: Path, value: str) -> Path:
+    """`value` as stored in a manifest in folder `root`, made absolute and normalised."""
     p = Path(value)
-    return p if p.is_absolute() else root / p
+    return Path(os.path.normpath(p if p.is_absolute() else Path(root).absolute() / p))
 
 
 def manifest_kind(rows: list[dict]) -> str:

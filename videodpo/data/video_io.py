@@ -281,6 +281,26 @@ def first_frame(
     return clip[:, 0]
 
 
+def load_image(
+    path: str | Path, height: int | None = None, width: int | None = None
+) -> torch.Tensor:
+    """An image file as float32 (3, H, W) in [-1, 1], resized and center-cropped when
+    `height` and `width` are given (a conditioning image for image-to-video)."""
+    from PIL import Image
+
+    path = Path(path)
+    _check_exists(path)
+    try:
+        with Image.open(path) as image:
+            pixels = np.asarray(image.convert("RGB"), dtype=np.uint8).copy()
+    except OSError as err:
+        raise DataError(f"{path}: cannot open image: {err}") from None
+    frame = frames_to_clip(torch.from_numpy(pixels)[None])
+    if height is not None and width is not None:
+        frame = resize_center_crop(frame, height, width)
+    return frame[:, 0]
+
+
 def to_pil_image(frame: torch.Tensor):
     """float (3, H, W) in [-1, 1] -> PIL image (what diffusers I2V pipelines take)."""
     from PIL import Image

@@ -1,0 +1,273 @@
+"""`videodpo build-pairs`: GT-Pairs from real clips and a base video model.
+
+For every row of a clip manifest the base pipeline (diffusers Wan2.1 or CogVideoX, T2V
+or I2V, loaded with `from_pretrained` from a local directory) generates a clip with the
+real clip's frame count and resolution, from the caption (T2V) or the first frame and
+the caption (I2V), seeded by `seed + row`. The real clip is preferred, the generation
+rejected. Rows are split over data-parallel ranks (torchrun); each rank appends finished
+rows to its own journal, so an interrupted run resumes where it stopped; rank 0 merges
+the journals into `out_dir/pairs.jsonl` and prints rows generated / skipped / failed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from common.config import add_config_args, config_from_args, save_config
+from common.distributed import barrier, init_distributed, is_main_process
+from common.errors import ConfigError, DataError
+from videodpo.data.manifest import (
+    ManifestRow,
+    append_manifest_row,
+    read_manifest,
+    read_manifest_rows,
+    resolve_path,
+    write_manifest,
+)
+from videodpo.data.video_io import (
+    load_clip,
+    load_image,
+    probe_video,
+    to_pil_image,
+    write_video,
+)
+
+HELP = "build a GT-Pair manifest: real clip preferred, base-model generation rejected"
+logger = logging.getLogger(__name__)
+PAIRS_FILE = "pairs.jsonl"
+JOURNAL_DIR = "journal"
+
+
+@dataclass
+class BuildPairsConfig:
+    manifest: str = ""  # clip manifest: video, caption, optional image
+    model: str = ""  # local diffusers pipeline directory (model_index.json)
+    out_dir: str = "runs/pairs"
+    task: str = "auto"  # t2v | i2v | auto (from the pipeline class)
+    num_frames: int | None = None  # None: each clip's own frame count
+    height: int | None = None  # None: each clip's own size
+    width: int | None = None
+    num_inference_steps: int = 50
+    guidance_scale: float = 5.0
+    negative_prompt: str = ""
+    seed: int = 0  # row r is generated with seed + r
+    max_sequence_length: int = 512
+    dtype: str = "float32"
+    limit: int | None = None  # only the first rows, for a quick look
+
+
+@dataclass
+class BuildSummary:
+    generated: int = 0
+    skipped: int = 0
+    failed: int = 0
+
+    def as_tensor(self) -> torch.Tensor:
+        return torch.tensor([self.generated, self.skipped, self.failed], dtype=torch.long)
+
+
+def load_pipeline(model_dir: str | Path, dtype: torch.dtype, task: str = "auto"):
+    """A diffusers video pipeline from a local directory, and its task (t2v / i2v)."""
+    import diffusers
+
+    from videodpo.models import PIPELINES
+
+    model_dir = Path(model_dir)
+    index = model_dir / "model_index.json"
+    if not index.is_file():
+        raise ConfigError(f"model '{model_dir}': no model_index.json (a diffusers pipeline folder)")
+    class_name = json.loads(index.read_text()).get("_class_name")
+    if class_name not in PIPELINES:
+        raise ConfigError(f"{index}: pipeline {class_name!r} is not one of {sorted(PIPELINES)}")
+    found = PIPELINES[class_name][1]
+    if task not in ("auto", found):
+        raise ConfigError(f"config key 'task' is {task!r} but {model_dir} holds a {found} pipeline")
+    pipe = getattr(diffusers, class_name).from_pretrained(model_dir, dtype=dtype)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe, found
+
+
+def shape_multiples(pipe) -> tuple[int, int]:
+    """(frame step, pixel multiple): frames must be k * step + 1, sizes multiples."""
+    patch = pipe.transformer.config.patch_size
+    patch = patch[-1] if isinstance(patch, (list, tuple)) else patch
+    return int(pipe.vae_scale_factor_temporal), int(pipe.vae_scale_factor_spatial) * int(patch)
+
+
+def _check_shape(clip: torch.Tensor, pipe) -> None:
+    step, multiple = shape_multiples(pipe)
+    frames, height, width = clip.shape[1:]
+    if (frames - 1) % step or height % multiple or width % multiple:
+        raise DataError(
+            f"clip is {frames} frames of {height}x{width}; this model needs {step}k+1 frames "
+            f"and sizes that are multiples of {multiple} (set num_frames / height / width)"
+        )
+
+
+def generate_clip(
+    pipe,
+    task: str,
+    caption: str,
+    image: torch.Tensor | None,
+    shape: tuple[int, int, int],
+    seed: int,
+    cfg: BuildPairsConfig,
+) -> torch.Tensor:
+    """One generation as float (3, F, H, W) in [-1, 1]."""
+    frames, height, width = shape
+    kwargs = dict(
+        prompt=caption,
+        negative_prompt=cfg.negative_prompt or None,
+        height=height,
+        width=width,
+        num_frames=frames,
+        num_inference_steps=cfg.num_inference_steps,
+        guidance_scale=cfg.guidance_scale,
+        generator=torch.Generator("cpu").manual_seed(seed),
+        output_type="np",
+        max_sequence_length=cfg.max_sequence_length,
+    )
+    if task == "i2v":
+        kwargs["image"] = to_pil_image(image)
+    with torch.no_grad():
+        out = pipe(**kwargs).frames  # (B, F, H, W, C) in [0, 1]
+    video = torch.as_tensor(out[0]).float()
+    return video.permute(3, 0, 1, 2) * 2 - 1
+
+
+def _done_rows(journal_dir: Path) -> set[int]:
+    done: set[int] = set()
+    for part in sorted(journal_dir.glob("rank*.jsonl")):
+        for row in read_manifest_rows(part, strict=False):
+            if row.error is None:  # a line cut by a crash is simply redone
+                done.add(int(row.data["meta"]["source_row"]))
+    return done
+
+
+def _condition_image(row: ManifestRow, root: Path, clip: torch.Tensor) -> torch.Tensor:
+    """The row's `image` fitted to the clip, or else the clip's first frame."""
+    value = row.data.get("image")
+    if not value:
+        return clip[:, 0]
+    return load_image(resolve_path(root, value), clip.shape[-2], clip.shape[-1])
+
+
+def build_pair(
+    pipe, task: str, row: ManifestRow, root: Path, out_dir: Path, cfg: BuildPairsConfig
+) -> dict:
+    """Generate the rejected clip of one row; returns its pair row (absolute paths)."""
+    if row.error is not None:
+        raise DataError(row.error)
+    caption = row.data.get("caption")
+    if not isinstance(caption, str) or not caption.strip():
+        raise DataError("field 'caption' is missing or empty")
+    video = row.data.get("video")
+    if not isinstance(video, str) or not video:
+        raise DataError("field 'video' is missing")
+    source = resolve_path(root, video)
+    info = probe_video(source)
+    clip = load_clip(source, num_frames=cfg.num_frames, height=cfg.height, width=cfg.width)
+    _check_shape(clip, pipe)
+    name = f"{row.index:06d}.mp4"
+    fps = float(row.data.get("fps") or info.fps or 8.0)
+    chosen = source
+    if tuple(clip.shape[1:]) != (info.num_frames, info.height, info.width):
+        chosen = write_video(out_dir / "chosen" / name, clip, fps=fps)  # the clip as trained on
+    image = _condition_image(row, root, clip) if task == "i2v" else None
+    seed = cfg.seed + row.index
+    generated = generate_clip(pipe, task, caption, image, tuple(clip.shape[1:]), seed, cfg)
+    rejected = write_video(out_dir / "generated" / name, generated, fps=fps)
+    pair = {
+        "chosen": str(chosen),
+        "rejected": str(rejected),
+        "caption": caption,
+        "meta": {
+            "generator": Path(cfg.model).name,
+            "model": str(Path(cfg.model).resolve()),
+            "task": task,
+            "seed": seed,
+            "steps": cfg.num_inference_steps,
+            "guidance": cfg.guidance_scale,
+            "source_row": row.index,
+        },
+    }
+    if row.data.get("image"):
+        pair["image"] = str(resolve_path(root, row.data["image"]))
+    return pair
+
+
+def merge_journals(out_dir: Path) -> Path:
+    """All ranks' finished rows, in source order, as `out_dir/pairs.jsonl`."""
+    rows: dict[int, dict] = {}
+    for part in sorted((out_dir / JOURNAL_DIR).glob("rank*.jsonl")):
+        for row in read_manifest(part):
+            rows[int(row["meta"]["source_row"])] = row
+    return write_manifest(out_dir / PAIRS_FILE, [rows[k] for k in sorted(rows)])
+
+
+def build_gt_pairs(cfg: BuildPairsConfig) -> BuildSummary:
+    """Build (or finish) the pair manifest; returns the summary over all ranks."""
+    from tqdm import tqdm
+
+    if not cfg.manifest or not cfg.model:
+        raise ConfigError("build-pairs needs config keys 'manifest' and 'model'")
+    if (cfg.height is None) != (cfg.width is None):
+        raise ConfigError("config keys 'height' and 'width' go together: set both or neither")
+    dist_info = init_distributed()
+    rank, world = dist_info.rank, dist_info.world_size
+    out_dir = Path(cfg.out_dir)
+    journal_dir = out_dir / JOURNAL_DIR
+    journal_dir.mkdir(parents=True, exist_ok=True)
+    if rank == 0:
+        save_config(cfg, out_dir)
+    manifest = Path(cfg.manifest)
+    rows = read_manifest_rows(manifest, strict=False)[: cfg.limit]
+    done = _done_rows(journal_dir)
+    mine = rows[rank::world]
+    pipe, task = load_pipeline(cfg.model, getattr(torch, cfg.dtype), cfg.task)
+    pipe.to(dist_info.device)
+    journal = journal_dir / f"rank{rank}.jsonl"
+    summary = BuildSummary()
+    for row in tqdm(mine, desc="build-pairs", disable=rank != 0):
+        if row.index in done:
+            summary.skipped += 1
+            continue
+        try:
+            pair = build_pair(pipe, task, row, manifest.parent, out_dir, cfg)
+        except (DataError, ValueError, RuntimeError) as err:
+            summary.failed += 1
+            logger.warning("%s: row %d failed: %s", manifest, row.index, err)
+            continue
+        append_manifest_row(journal, pair)
+        summary.generated += 1
+    totals = summary.as_tensor()
+    if world > 1:
+        import torch.distributed as dist
+
+        dist.all_reduce(totals)
+    barrier()
+    if rank == 0:
+        merge_journals(out_dir)
+    barrier()
+    return BuildSummary(*(int(v) for v in totals))
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    add_config_args(parser)
+
+
+def run(args: argparse.Namespace) -> int:
+    cfg = config_from_args(BuildPairsConfig, args)
+    summary = build_gt_pairs(cfg)
+    if is_main_process():
+        print(
+            f"build-pairs: {summary.generated} rows generated, {summary.skipped} skipped "
+            f"(done before), {summary.failed} failed; manifest: {Path(cfg.out_dir) / PAIRS_FILE}"
+        )
+    return 1 if summary.failed else 0
