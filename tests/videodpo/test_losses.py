@@ -22,7 +22,9 @@ def _hand_loss(pw, pl, rw, rl, beta, lam):
 @pytest.mark.parametrize("beta,lam", [(500.0, 1.0), (2000.0, 0.0), (50.0, 0.5)])
 def test_reg_dpo_loss_matches_hand_formula_and_gradient(beta, lam):
     g = torch.Generator().manual_seed(1)
-    pw, pl, rw, rl = (0.1 + 0.01 * torch.rand(5, generator=g, dtype=torch.float64) for _ in range(4))
+    pw, pl, rw, rl = (
+        0.1 + 0.01 * torch.rand(5, generator=g, dtype=torch.float64) for _ in range(4)
+    )
     pw, pl = pw.requires_grad_(), pl.requires_grad_()
     rw, rl = rw.requires_grad_(), rl.requires_grad_()
     loss, metrics = reg_dpo_loss(pw, pl, rw, rl, beta=beta, sft_weight=lam)
@@ -30,7 +32,9 @@ def test_reg_dpo_loss_matches_hand_formula_and_gradient(beta, lam):
     assert loss.item() == pytest.approx(expect, rel=1e-6)
 
     loss.backward()
-    d = [(a - c) - (b - e) for a, b, c, e in zip(pw.tolist(), pl.tolist(), rw.tolist(), rl.tolist())]
+    d = [
+        (a - c) - (b - e) for a, b, c, e in zip(pw.tolist(), pl.tolist(), rw.tolist(), rl.tolist())
+    ]
     sig = [1 / (1 + math.exp(-(beta / 2) * x)) for x in d]  # d/dd of -log sigmoid(-(b/2) d) / (b/2)
     n = len(d)
     for i in range(n):
@@ -45,14 +49,23 @@ def test_reg_dpo_loss_matches_hand_formula_and_gradient(beta, lam):
 
 
 def test_sft_and_dpo_are_settings_of_the_same_loss():
-    pw, pl, rw, rl = torch.tensor([0.3, 0.2]), torch.tensor([0.5, 0.1]), torch.tensor([0.4, 0.2]), torch.tensor([0.4, 0.3])
+    pw, pl, rw, rl = (
+        torch.tensor([0.3, 0.2]),
+        torch.tensor([0.5, 0.1]),
+        torch.tensor([0.4, 0.2]),
+        torch.tensor([0.4, 0.3]),
+    )
     dpo_w, sft_w = loss_weights("sft", 1.0)
-    sft_loss, metrics = reg_dpo_loss(pw, None, None, None, beta=100.0, sft_weight=sft_w, dpo_weight=dpo_w)
+    sft_loss, metrics = reg_dpo_loss(
+        pw, None, None, None, beta=100.0, sft_weight=sft_w, dpo_weight=dpo_w
+    )
     assert sft_loss.item() == pytest.approx(0.25)
     assert "accuracy" not in metrics
     dpo_w, sft_w = loss_weights("dpo", 1.0)
     dpo_loss, _ = reg_dpo_loss(pw, pl, rw, rl, beta=100.0, sft_weight=sft_w, dpo_weight=dpo_w)
-    assert dpo_loss.item() == pytest.approx(_hand_loss(pw.tolist(), pl.tolist(), rw.tolist(), rl.tolist(), 100.0, 0.0), rel=1e-6)
+    assert dpo_loss.item() == pytest.approx(
+        _hand_loss(pw.tolist(), pl.tolist(), rw.tolist(), rl.tolist(), 100.0, 0.0), rel=1e-6
+    )
     with pytest.raises(ValueError):
         loss_weights("ppo", 1.0)
 
@@ -72,13 +85,17 @@ def test_flow_matching_noising_and_velocity_target():
     torch.testing.assert_close(xt[1], 0.1 * x0[1] + 0.9 * eps[1])
     torch.testing.assert_close(obj.target(x0, eps, t), eps - x0)
     torch.testing.assert_close(obj.predict_x0(xt, eps - x0, t), x0, atol=1e-5, rtol=1e-5)
-    ts = DiffusionObjective("flow_matching", shift=3.0).sample_timesteps(1000, torch.Generator().manual_seed(0))
+    ts = DiffusionObjective("flow_matching", shift=3.0).sample_timesteps(
+        1000, torch.Generator().manual_seed(0)
+    )
     assert 0 < ts.min() and ts.max() < 1000 and ts.mean() > 600  # a shift > 1 favours high noise
 
 
 @pytest.mark.parametrize("kind", ["epsilon", "v_prediction"])
 def test_ddpm_objectives_match_diffusers_scheduler(kind):
-    sched = DDPMScheduler(num_train_timesteps=1000, beta_schedule="scaled_linear", prediction_type=kind)
+    sched = DDPMScheduler(
+        num_train_timesteps=1000, beta_schedule="scaled_linear", prediction_type=kind
+    )
     obj = DiffusionObjective(kind, alphas_cumprod=sched.alphas_cumprod)
     x0, eps = torch.randn(2, 3, 2, 4, 4), torch.randn(2, 3, 2, 4, 4)
     t = torch.tensor([10, 700])

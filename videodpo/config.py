@@ -1,0 +1,122 @@
+"""Training and sampling configuration of videodpo, one dataclass per concern.
+
+`RunConfig` is what `videodpo train --config CFG` and `videodpo sample --config CFG`
+read (through `common.config.load_config`); every default lives here and only here.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass
+class ModelConfig:
+    path: str = ""  # local diffusers pipeline dir, or a pixel-space model dir
+    dtype: str = "float32"  # weights as loaded; bf16 for real runs
+    flow_shift: float = 1.0  # time shift of the training sigmas (flow matching)
+
+
+@dataclass
+class DataConfig:
+    manifest: str = ""  # GT-Pair manifest (JSONL/CSV) with chosen / rejected clips
+    latent_cache: str = ""  # or a latent cache made by `videodpo precompute`
+    num_frames: int = 0  # 0: as stored
+    height: int = 0
+    width: int = 0
+    max_bad_row_fraction: float = 0.1  # corrupt rows are skipped and counted up to this share
+
+
+@dataclass
+class LossConfig:
+    kind: str = "reg_dpo"  # sft | dpo | reg_dpo
+    beta: float = 500.0
+    sft_weight: float = 1.0  # lambda of Reg-DPO
+
+
+@dataclass
+class LoraConfig:
+    enabled: bool = False
+    rank: int = 16
+    alpha: int = 16
+    dropout: float = 0.0
+    target_modules: list[str] = field(default_factory=lambda: ["to_q", "to_k", "to_v", "to_out.0"])
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 1e-5
+    weight_decay: float = 0.0
+    beta1: float = 0.9
+    beta2: float = 0.999
+    eps: float = 1e-8
+    warmup_steps: int = 0
+    min_lr_ratio: float = 0.0  # cosine decays to lr * min_lr_ratio at the last step
+    grad_clip: float = 1.0  # 0: off
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 1000  # optimizer steps
+    batch_size: int = 1  # pairs per data-parallel rank per micro-step
+    grad_accum: int = 1
+    seed: int = 0
+    mixed_precision: str = "no"  # no | bf16 (autocast where the device supports it)
+    log_every: int = 10
+    checkpoint_every: int = 0  # 0: only at the end
+    keep_checkpoints: int = 3
+    max_nonfinite: int = 10  # non-finite losses skipped before the run aborts
+
+
+@dataclass
+class ParallelConfig:
+    dp_shard: int = -1  # FSDP degree; -1: what pair and cp leave
+    cp: int = 1
+    cp_mode: str = "ulysses"  # ulysses | ring
+    pair: int = 1  # 2: preferred and rejected sample on two ranks
+    fsdp: bool = True  # shard with FSDP2 when there is more than one rank
+    param_dtype: str = ""  # FSDP mixed precision, e.g. bfloat16; "" keeps the weights' dtype
+    activation_checkpointing: int = 0  # every n-th block; 0: off
+    reference_cpu_offload: bool = False
+
+
+@dataclass
+class ValidationConfig:
+    every: int = 0  # steps between validations; 0: off
+    prompts: list[str] = field(default_factory=list)
+    first_frames: list[str] = field(default_factory=list)  # images or clips, I2V
+    num_frames: int = 8
+    height: int = 16
+    width: int = 16
+    num_steps: int = 20
+    guidance_scale: float = 1.0
+    seed: int = 0
+    manifest: str = ""  # held-out pairs: DPO accuracy, margin, SFT error
+    max_pairs: int = 32
+
+
+@dataclass
+class SampleConfig:
+    checkpoint: str = ""  # model dir, LoRA dir or training checkpoint; "" = out_dir/final
+    prompts: list[str] = field(default_factory=list)
+    first_frames: list[str] = field(default_factory=list)
+    num_frames: int = 8
+    height: int = 16
+    width: int = 16
+    num_steps: int = 20
+    guidance_scale: float = 1.0
+    seed: int = 0
+    out_dir: str = ""  # "" = out_dir/samples
+
+
+@dataclass
+class RunConfig:
+    out_dir: str = "runs/videodpo"
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    lora: LoraConfig = field(default_factory=LoraConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    validation: ValidationConfig = field(default_factory=ValidationConfig)
+    sample: SampleConfig = field(default_factory=SampleConfig)

@@ -1,0 +1,175 @@
+"""The adapter interface every video model family implements, and what they share.
+
+An adapter describes one diffusers video transformer for training: it turns prompts,
+first frames and clips into conditions and latents, runs the transformer on a noisy
+latent (`predict`), names the objective whose target the prediction regresses, samples
+clips for validation and saves the result. It never knows about parallelism: FSDP,
+context and pair parallelism wrap `adapter.transformer` from outside.
+
+Latents are always `(B, C, F, H, W)`; families whose transformer wants another layout
+permute inside `predict`. Conditions are a dict of tensors: `text` `(B, L, D)`, and for
+image-to-video `image_latents` (what is concatenated to the noisy latent) and
+optionally `image_embeds` (an image encoder's tokens). A latent cache can store them.
+
+Two kinds of model directory load: a diffusers pipeline directory (`model_index.json`:
+VAE, text encoder, scheduler, transformer) and a pixel-space model of the synthetic
+world (`videodpo_model.json`: transformer and scheduler only, latent = pixel, captions
+embedded by `CaptionEncoder`).
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+from abc import ABC, abstractmethod
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, ClassVar
+
+import torch
+from torch import nn
+
+from videodpo.losses import DiffusionObjective
+
+Conditions = dict[str, torch.Tensor]
+PIXEL_MODEL_FILE = "videodpo_model.json"
+TASKS = ("t2v", "i2v")
+
+
+class VideoModelAdapter(ABC):
+    """One model family's view of a diffusers transformer plus its encoders."""
+
+    family: ClassVar[str]
+    transformer_class: ClassVar[type[nn.Module]]
+    pipeline_classes: ClassVar[dict[str, Any]]  # task -> diffusers pipeline class
+
+    def __init__(
+        self,
+        transformer: nn.Module,
+        scheduler: Any,
+        task: str,
+        objective: DiffusionObjective,
+        prompt_encoder: Callable[[list[str]], torch.Tensor],
+        pipeline: Any = None,
+        pixel_meta: dict | None = None,
+    ) -> None:
+        if task not in TASKS:
+            raise ValueError(f"task must be one of {TASKS}, got {task!r}")
+        self.transformer = transformer
+        self.scheduler = scheduler
+        self.task = task
+        self.objective = objective
+        self.prompt_encoder = prompt_encoder
+        self.pipeline = pipeline  # diffusers pipeline holding VAE / encoders; None in pixel space
+        self.pixel_meta = pixel_meta
+
+    # ---- conditions and latents -------------------------------------------------------
+
+    @property
+    def pixel_space(self) -> bool:
+        return self.pipeline is None
+
+    @property
+    def vae(self) -> Any:
+        return None if self.pipeline is None else self.pipeline.vae
+
+    @property
+    def temporal_compression(self) -> int:
+        return 1 if self.vae is None else int(self.pipeline.vae_scale_factor_temporal)
+
+    def latent_frames(self, num_frames: int) -> int:
+        t = self.temporal_compression
+        return num_frames if t == 1 else (num_frames - 1) // t + 1
+
+    @torch.no_grad()
+    def encode_prompts(self, prompts: list[str]) -> torch.Tensor:
+        return self.prompt_encoder(list(prompts))
+
+    @abstractmethod
+    def encode_video(self, video: torch.Tensor) -> torch.Tensor:
+        """Clips `(B, 3, F, H, W)` in [-1, 1] -> normalised latents `(B, C, f, h, w)`."""
+
+    @abstractmethod
+    def decode_latents(self, latents: torch.Tensor) -> torch.Tensor:
+        """Latents -> clips `(B, 3, F, H, W)` in [-1, 1]."""
+
+    @abstractmethod
+    def image_conditions(self, first_frames: torch.Tensor, num_frames: int) -> Conditions:
+        """First frames `(B, 3, H, W)` in [-1, 1] -> `image_latents` (and `image_embeds`)."""
+
+    @torch.no_grad()
+    def prepare_conditions(
+        self, prompts: list[str], first_frames: torch.Tensor | None = None, num_frames: int | None = None
+    ) -> Conditions:
+        cond: Conditions = {"text": self.encode_prompts(prompts)}
+        if self.task == "i2v":
+            if first_frames is None or num_frames is None:
+                raise ValueError("image-to-video conditions need first frames and the frame count")
+            cond.update(self.image_conditions(first_frames, num_frames))
+        return cond
+
+    # ---- the model --------------------------------------------------------------------
+
+    @abstractmethod
+    def predict(
+        self, transformer: nn.Module, noisy: torch.Tensor, timesteps: torch.Tensor, cond: Conditions
+    ) -> torch.Tensor:
+        """The transformer's output for noisy latents `(B, C, f, h, w)`, same layout."""
+
+    def sampling_scheduler(self) -> Any:
+        return copy.deepcopy(self.scheduler)
+
+    @torch.no_grad()
+    def sample(
+        self,
+        cond: Conditions,
+        latent_shape: tuple[int, ...],
+        num_steps: int = 20,
+        generator: torch.Generator | None = None,
+        transformer: nn.Module | None = None,
+        guidance_scale: float = 1.0,
+        negative_text: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Latents from noise with the family's scheduler (`step` API) and optional CFG."""
+        transformer = self.transformer if transformer is None else transformer
+        sched = self.sampling_scheduler()
+        sched.set_timesteps(num_steps)
+        latents = torch.randn(latent_shape, generator=generator) * float(getattr(sched, "init_noise_sigma", 1.0))
+        latents = latents.to(cond["text"].device)
+        for t in sched.timesteps:
+            timesteps = t.expand(latent_shape[0]).to(latents.device)
+            model_in = sched.scale_model_input(latents, t) if hasattr(sched, "scale_model_input") else latents
+            pred = self.predict(transformer, model_in, timesteps, cond).float()
+            if guidance_scale != 1.0 and negative_text is not None:
+                uncond = dict(cond, text=negative_text.expand_as(cond["text"]))
+                pred_u = self.predict(transformer, model_in, timesteps, uncond).float()
+                pred = pred_u + guidance_scale * (pred - pred_u)
+            latents = sched.step(pred, t, latents, return_dict=False)[0]
+        return latents
+
+    # ---- saving -----------------------------------------------------------------------
+
+    def save_pretrained(self, out_dir: str | Path, transformer: nn.Module | None = None) -> Path:
+        """A loadable model directory with `transformer` (default: the adapter's) in it."""
+        out_dir = Path(out_dir)
+        transformer = self.transformer if transformer is None else transformer
+        if self.pipeline is None:
+            transformer.save_pretrained(out_dir / "transformer")
+            self.scheduler.save_pretrained(out_dir / "scheduler")
+            (out_dir / PIXEL_MODEL_FILE).write_text(json.dumps(self.pixel_meta, indent=2))
+        else:
+            pipe = copy.copy(self.pipeline)
+            pipe.register_modules(transformer=transformer)
+            pipe.save_pretrained(out_dir)
+        return out_dir
+
+    def save_lora(self, out_dir: str | Path, lora_state_dict: dict[str, torch.Tensor]) -> Path:
+        """LoRA weights in diffusers format, loadable with `pipe.load_lora_weights(out_dir)`."""
+        out_dir = Path(out_dir)
+        self.pipeline_classes[self.task].save_lora_weights(out_dir, transformer_lora_layers=lora_state_dict)
+        return out_dir
+
+
+def read_pixel_meta(path: str | Path) -> dict | None:
+    file = Path(path) / PIXEL_MODEL_FILE
+    return json.loads(file.read_text()) if file.is_file() else None
