@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from common.regularizer import RegularizerConfig
 from llmpost.rollout import GenerationConfig
 
 
@@ -75,7 +76,9 @@ class SftConfig:
     weight_decay: float = 0.0
     grad_clip: float = 1.0
     general_fraction: float = 0.05  # paper: about 100K general of 1.8M
-    general_mode: str = "mix"  # mix (the only mode until common.regularizer lands)
+    general_mode: str = "mix"  # mix | projector (general data as regularizer)
+    projector: RegularizerConfig = field(default_factory=lambda: RegularizerConfig(
+        feasible="subset", granularity="layer", fraction=0.5, n_general=8, path="ghost"))
     packing: bool = False
     max_length: int = 256  # packed row length, or truncation length when padding
     save_every: int = 25

@@ -27,7 +27,7 @@ from llmpost.dapo_trainer import train_dapo
 from llmpost.data import TaskRecord, load_many
 from llmpost.diagnose import capability_map, write_capability_map
 from llmpost.evaluate import eval_records, evaluate_tasks, format_scores, score_rows
-from llmpost.policy import build_policy, rank_and_world, save_policy, shard_policy
+from llmpost.policy import build_policy, rank_and_world, save_policy, shard_policy, untie_embeddings
 from llmpost.rewards import RewardRegistry, default_registry
 from llmpost.sft import train_sft
 from llmpost.tokenizer import load_tokenizer
@@ -132,7 +132,10 @@ def run_stage(cfg: PipelineConfig, stage: int, registry: RewardRegistry | None =
         previous = prepare_base(cfg)
     logger.info("stage %d: %s from %s", stage, STAGE_NAMES[stage], previous)
     tokenizer = load_tokenizer(previous)
-    model = shard_policy(build_policy(cfg.model, tokenizer, previous), cfg.model)
+    model = build_policy(cfg.model, tokenizer, previous)
+    if stage == 2 and cfg.stage2.general_mode == "projector":
+        untie_embeddings(model)
+    model = shard_policy(model, cfg.model)
     seed = cfg.seed * 1000 + stage
     chat = cfg.data.chat_kwargs
     if stage == 1:

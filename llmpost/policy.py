@@ -48,6 +48,16 @@ def build_policy(cfg: ModelConfig, tokenizer: Any, path: str | Path | None, seed
     )
 
 
+def untie_embeddings(model: torch.nn.Module) -> torch.nn.Module:
+    """Give the output head its own copy of the input embedding (the projector's ghost path
+    cannot share one parameter between two layers)."""
+    head, emb = model.get_output_embeddings(), model.get_input_embeddings()
+    if head is not None and head.weight is emb.weight:
+        head.weight = torch.nn.Parameter(emb.weight.detach().clone())
+        model.config.tie_word_embeddings = False
+    return model
+
+
 def shard_policy(model: torch.nn.Module, cfg: ModelConfig) -> torch.nn.Module:
     """FSDP2 over all ranks (no-op on one process, apart from activation checkpointing)."""
     return apply_fsdp(model, param_dtype=cfg.param_dtype,

@@ -2,8 +2,11 @@
 
 Completion-only loss: only the answer tokens (and the closing eos) are trained. Rows are
 padded per batch, or packed into rows of `max_length` tokens. General data enter by a
-fixed share of every batch (`general_mode: mix`). The loss is the token mean over all
-ranks' answer tokens, so N ranks take the same step as one process.
+fixed share of every batch (`general_mode: mix`), or as the regularizer of
+`common.regularizer` (`general_mode: projector`): the target gradient is projected onto
+the feasible set spanned by a general batch's per-sample gradients. In mix mode the loss
+is the token mean over all ranks' answer tokens, so N ranks take the same step as one
+process; in projector mode every rank sees the same batches (the regularizer's contract).
 """
 
 from __future__ import annotations
@@ -19,9 +22,10 @@ import torch.nn.functional as F
 
 from common.checkpoint import Checkpointer
 from common.metrics import MetricsLogger
+from common.regularizer import DataRegularizer
 from llmpost.config import SftConfig
 from llmpost.dapo_trainer import StageInterrupted
-from llmpost.data import TaskRecord, encode_prompt, encode_response, mix
+from llmpost.data import TaskRecord, encode_prompt, encode_response, mix, sample_weighted
 from llmpost.policy import global_sum, rank_and_world
 
 logger = logging.getLogger(__name__)
@@ -90,6 +94,18 @@ def completion_loss(model: torch.nn.Module, batch: dict[str, torch.Tensor],
     return total / max(float(denom), 1.0)
 
 
+def per_sample_completion_loss(model: torch.nn.Module, batch: dict[str, torch.Tensor]
+                               ) -> torch.Tensor:
+    """`(B,)`: each row's mean cross-entropy over its answer tokens (the regularizer's loss)."""
+    device = next(model.parameters()).device
+    inputs = {k: v.to(device) for k, v in batch.items() if k != "labels"}
+    logits = model(**inputs).logits[:, :-1].float()
+    labels = batch["labels"][:, 1:].to(device)
+    token = F.cross_entropy(logits.transpose(1, 2), labels, ignore_index=IGNORE, reduction="none")
+    counts = (labels != IGNORE).sum(1).clamp(min=1)
+    return token.sum(1) / counts
+
+
 def train_sft(
     model: torch.nn.Module,
     tokenizer: Any,
@@ -105,43 +121,38 @@ def train_sft(
 ) -> dict[str, float]:
     """SFT for `cfg.steps` steps on target data (tasks drawn by `task_weights`) with
     `general_fraction` of each batch from `general`; resumes from `stage_dir/checkpoints`."""
-    if cfg.general_mode != "mix":
-        raise ValueError(
-            f"sft.general_mode={cfg.general_mode!r}: only 'mix' is available "
-            "(the projector mode needs common.regularizer)"
-        )
+    if cfg.general_mode not in ("mix", "projector"):
+        raise ValueError(f"sft.general_mode: expected 'mix' or 'projector', got {cfg.general_mode!r}")
+    if cfg.general_mode == "projector" and not general:
+        raise ValueError("sft.general_mode 'projector' needs general data (data.general_train)")
     stage_dir = Path(stage_dir)
-    rank, world = rank_and_world()
+    rank, _ = rank_and_world()
     # Sampling RNG from the stage's seed (a resumed run gets it back from the checkpoint).
     torch.manual_seed(seed + 7919 * rank)
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     checkpointer = Checkpointer(stage_dir / "checkpoints")
     start = checkpointer.load(model=model, optimizer=optimizer) or 0
     metrics_log = MetricsLogger(stage_dir, enabled=rank == 0)
-    per_rank = max(1, cfg.batch_size // world)
-    collate = collate_packed if cfg.packing else collate_padded
     cache: dict[str, tuple[list[int], list[int]]] = {}
     last: dict[str, float] = {}
     model.train()
-    for step in range(start, cfg.steps):
-        rng = random.Random(f"{seed}/sft/{step}/{rank}")
-        records = mix(target, general, per_rank, cfg.general_fraction, rng, task_weights)
-        examples = []
+    regularizer = DataRegularizer(model, cfg.projector) if cfg.general_mode == "projector" else None
+
+    def examples_of(records: list[TaskRecord]) -> list[tuple[list[int], list[int]]]:
         for r in records:
             if r.id not in cache:
                 cache[r.id] = build_example(tokenizer, r, chat_kwargs)
-            examples.append(cache[r.id])
-        batch = collate(examples, tokenizer.pad_token_id, cfg.max_length)
-        local_tokens = float((batch["labels"][:, 1:] != IGNORE).sum())
-        denom = global_sum(local_tokens) / world
-        optimizer.zero_grad(set_to_none=True)
-        loss = completion_loss(model, batch, denom)
-        loss.backward()
-        if cfg.grad_clip:
-            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-        optimizer.step()
-        last = {"loss": global_sum(loss.item()) / world,
-                "general_share": sum(r.category == "general" for r in records) / len(records)}
+        return [cache[r.id] for r in records]
+
+    for step in range(start, cfg.steps):
+        if regularizer is not None:
+            last = _projector_step(model, optimizer, regularizer, examples_of, target, general,
+                                   cfg, tokenizer.pad_token_id, random.Random(f"{seed}/sft/{step}"),
+                                   task_weights)
+        else:
+            last = _mix_step(model, optimizer, examples_of, target, general, cfg,
+                             tokenizer.pad_token_id, random.Random(f"{seed}/sft/{step}/{rank}"),
+                             task_weights)
         metrics_log.log(step + 1, last)
         if on_step is not None:
             on_step(step + 1, last)
@@ -152,3 +163,42 @@ def train_sft(
             raise StageInterrupted(f"stopped after step {step + 1} (test hook)")
     metrics_log.close()
     return last
+
+
+def _mix_step(model, optimizer, examples_of, target, general, cfg: SftConfig, pad_id: int,
+              rng: random.Random, task_weights) -> dict[str, float]:
+    """One step on a batch with `general_fraction` general rows; token mean over all ranks."""
+    _, world = rank_and_world()
+    per_rank = max(1, cfg.batch_size // world)
+    collate = collate_packed if cfg.packing else collate_padded
+    records = mix(target, general, per_rank, cfg.general_fraction, rng, task_weights)
+    batch = collate(examples_of(records), pad_id, cfg.max_length)
+    local_tokens = float((batch["labels"][:, 1:] != IGNORE).sum())
+    denom = global_sum(local_tokens) / world
+    optimizer.zero_grad(set_to_none=True)
+    loss = completion_loss(model, batch, denom)
+    loss.backward()
+    if cfg.grad_clip:
+        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+    optimizer.step()
+    return {"loss": global_sum(loss.item()) / world,
+            "general_share": sum(r.category == "general" for r in records) / len(records)}
+
+
+def _projector_step(model, optimizer, regularizer: DataRegularizer, examples_of, target, general,
+                    cfg: SftConfig, pad_id: int, rng: random.Random, task_weights
+                    ) -> dict[str, float]:
+    """One step: the target batch's gradient projected onto the general batch's feasible set."""
+    target_rows = sample_weighted(target, cfg.batch_size, rng, task_weights)
+    general_rows = sample_weighted(general, cfg.projector.n_general, rng)
+    target_batch = collate_padded(examples_of(target_rows), pad_id, cfg.max_length)
+    general_batch = collate_padded(examples_of(general_rows), pad_id, cfg.max_length)
+    optimizer.zero_grad(set_to_none=True)
+    stats = regularizer.step(per_sample_completion_loss, target_batch, general_batch)
+    if cfg.grad_clip:
+        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+    optimizer.step()
+    out = {"loss": float(stats.target_loss), "general_share": 0.0}
+    out.update({f"projector/{k}": float(v) for k, v in vars(stats).items()
+                if isinstance(v, (int, float))})
+    return out

@@ -121,10 +121,16 @@ def test_resume_after_a_killed_stage_gives_the_same_model(assets, tmp_path, stag
     assert log[-1] == (straight.stage1.steps if stage == 1 else straight.stage2.steps)
 
 
-def test_projector_mode_is_refused_until_it_exists(assets, tmp_path):
+def test_stage2_with_the_projector(assets, tmp_path):
+    from common.regularizer import RegularizerConfig
+
     cfg = _config(assets, tmp_path / "run")
-    cfg = replace(cfg, stage2=replace(cfg.stage2, general_mode="projector"))
-    run_stage(cfg, 0)
-    run_stage(replace(cfg, stage1=replace(cfg.stage1, steps=1)), 1)
-    with pytest.raises(ValueError, match="general_mode"):
-        run_stage(cfg, 2)
+    cfg = replace(cfg, stage1=replace(cfg.stage1, steps=1), stage2=replace(
+        cfg.stage2, steps=2, general_mode="projector",
+        projector=RegularizerConfig(feasible="subset", fraction=0.5, n_general=4, path="ghost")))
+    for stage in (0, 1, 2):
+        run_stage(cfg, stage)
+    log = [json.loads(x) for x in (stage_dir(cfg, 2) / "metrics.jsonl").read_text().splitlines()]
+    assert "projector/cos_update_target" in log[-1]
+    before, after = _weights(cfg, 1), _weights(cfg, 2)
+    assert any(not torch.equal(before[k], after[k]) for k in before)

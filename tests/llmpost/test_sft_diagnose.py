@@ -68,3 +68,40 @@ def test_capability_map_weak_tasks_and_weights(tmp_path):
     write_capability_map(cap, tmp_path)
     assert json.loads((tmp_path / "capability_map.json").read_text())["weak"] == ["b", "c"]
     assert (tmp_path / "capability_map.png").stat().st_size > 0
+
+
+@pytest.mark.parametrize("feasible", ["none", "mean"])
+def test_projector_step_uses_the_target_or_general_gradient(word_tokenizer, feasible):
+    import copy
+    import random
+
+    from common.regularizer import DataRegularizer, RegularizerConfig
+    from llmpost.config import SftConfig
+    from llmpost.data import sample_weighted
+    from llmpost.policy import untie_embeddings
+    from llmpost.sft import _projector_step, per_sample_completion_loss
+
+    target = [record_from_dict(r) for r in generate_task("hashtags", 10, 0)]
+    general = [record_from_dict(r) for r in generate_task("arithmetic", 10, 0)]
+    model = untie_embeddings(make_tiny_model(word_tokenizer))
+    reference = copy.deepcopy(model)
+    cfg = SftConfig(batch_size=4, lr=0.5, grad_clip=0.0, general_mode="projector",
+                    projector=RegularizerConfig(feasible=feasible, n_general=3, path="ghost"))
+    pad = word_tokenizer.pad_token_id
+
+    def examples_of(records):
+        return [build_example(word_tokenizer, r) for r in records]
+
+    reg = DataRegularizer(model, cfg.projector)
+    sgd = torch.optim.SGD(model.parameters(), lr=cfg.lr)
+    _projector_step(model, sgd, reg, examples_of, target, general, cfg, pad, random.Random(5), None)
+
+    rng = random.Random(5)
+    t_rows = sample_weighted(target, 4, rng)
+    g_rows = sample_weighted(general, 3, rng)
+    rows = t_rows if feasible == "none" else g_rows
+    batch = collate_padded(examples_of(rows), pad, 256)
+    per_sample_completion_loss(reference, batch).mean().backward()
+    torch.optim.SGD(reference.parameters(), lr=cfg.lr).step()
+    for (name, p), q in zip(model.named_parameters(), reference.parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-4, atol=1e-6, msg=name)
