@@ -349,16 +349,17 @@ class _RingAttention(torch.autograd.Function):
     def forward(ctx, q, k, v, group, causal, seq_len, scale):
         size, rank = _size_rank(group)
         b, h, s, _ = q.shape
-        qf = q.float()
-        out = torch.zeros(q.shape, dtype=torch.float32, device=q.device)
-        lse = torch.full((b, h, s), float("-inf"), dtype=torch.float32, device=q.device)
+        acc = torch.promote_types(q.dtype, torch.float32)  # accumulate in fp32 or better
+        qf = q.to(acc)
+        out = torch.zeros(q.shape, dtype=acc, device=q.device)
+        lse = torch.full((b, h, s), float("-inf"), dtype=acc, device=q.device)
         kv = torch.stack([k, v]).contiguous()
         for step in range(size):
             block = (rank - step) % size
             pending = _ring_shift([kv], group) if step < size - 1 else None
             if _block_visible(causal, block, rank):
-                kb = _repeat_kv(kv[0].float(), h)
-                vb = _repeat_kv(kv[1].float(), h)
+                kb = _repeat_kv(kv[0].to(acc), h)
+                vb = _repeat_kv(kv[1].to(acc), h)
                 scores = _block_scores(
                     qf, kb, scale, causal and block == rank, rank * s, block * s, seq_len
                 )
@@ -382,20 +383,21 @@ class _RingAttention(torch.autograd.Function):
         size, rank = _size_rank(group)
         b, h, s, d = q.shape
         hk = k.shape[1]
-        qf, dout = q.float(), grad_out.float()
+        acc = lse.dtype
+        qf, dout = q.to(acc), grad_out.to(acc)
         # d lse / d scores = probs, so a gradient on lse shifts the softmax-backward term
-        delta = (dout * out.float()).sum(-1)
+        delta = (dout * out.to(acc)).sum(-1)
         if grad_lse is not None:
-            delta = delta - grad_lse.float()
+            delta = delta - grad_lse.to(acc)
         safe_lse = torch.where(torch.isfinite(lse), lse, torch.zeros_like(lse)).unsqueeze(-1)
         dq = torch.zeros_like(qf)
         kv = torch.stack([k, v]).contiguous()
-        dkv = torch.zeros(kv.shape, dtype=torch.float32, device=q.device)
+        dkv = torch.zeros(kv.shape, dtype=acc, device=q.device)
         for step in range(size):
             block = (rank - step) % size
             if _block_visible(causal, block, rank):
-                kb = _repeat_kv(kv[0].float(), h)
-                vb = _repeat_kv(kv[1].float(), h)
+                kb = _repeat_kv(kv[0].to(acc), h)
+                vb = _repeat_kv(kv[1].to(acc), h)
                 scores = _block_scores(
                     qf, kb, scale, causal and block == rank, rank * s, block * s, seq_len
                 )
@@ -537,7 +539,7 @@ def context_parallel_attention(
     """Attention over sequence shards with the layout of `groups` (Ulysses, ring or both).
 
     Returns the local output chunk, or `(out, lse)` with `return_lse=True` (lse `(B, H,
-    S_local)`, float32, differentiable), which joint text+video attention needs to merge
+    S_local)`, at least float32, differentiable), which joint text+video attention needs to merge
     with attention over replicated keys.
     """
     # here None means "no such axis", not torch's default world group
