@@ -1,0 +1,133 @@
+"""The training loop: export, kill-and-resume, skipped rows, non-finite steps, LR schedule."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+
+from common.errors import DataError, UserError
+from videodpo.config import RunConfig
+from videodpo.data.synthetic import WorldConfig, caption, render_batch, sample_records
+from videodpo.models import load_adapter
+from videodpo.models.tiny import build_pixel_adapter
+from videodpo.trainer import PairSampler, train, warmup_cosine
+
+WORLD = WorldConfig(height=8, width=8, num_frames=4, shape_size=4, slow_step=1, fast_step=2)
+
+
+class PairList:
+    """In-memory pairs: real clips preferred, shifted copies rejected; `bad` rows fail."""
+
+    def __init__(self, n: int = 6, bad: tuple[int, ...] = (), nan: tuple[int, ...] = ()) -> None:
+        records = sample_records(WORLD, n, seed=3)
+        clips = render_batch(records)
+        self.items = [
+            {"chosen": clips[i], "rejected": clips[i].roll(1, dims=-1), "caption": caption(r)}
+            for i, r in enumerate(records)
+        ]
+        for i in nan:
+            self.items[i]["rejected"] = torch.full_like(clips[i], float("nan"))
+        self.bad = set(bad)
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, i: int) -> dict:
+        if i in self.bad:
+            raise DataError(f"row {i + 1}: chosen clip unreadable")
+        return self.items[i]
+
+
+def _cfg(tmp_path, kind: str = "reg_dpo", steps: int = 4, lora: bool = False) -> RunConfig:
+    cfg = RunConfig(out_dir=str(tmp_path / "run"))
+    cfg.loss.kind, cfg.loss.beta = kind, 100.0
+    cfg.optim.lr, cfg.optim.warmup_steps = 1e-3, 1
+    cfg.train.steps, cfg.train.batch_size, cfg.train.log_every = steps, 2, 1
+    cfg.lora.enabled, cfg.lora.rank = lora, 4
+    return cfg
+
+
+def _adapter():
+    return build_pixel_adapter("wan", "t2v", seed=0, height=8, width=8, num_frames=4)
+
+
+def test_full_finetune_exports_a_loadable_model(tmp_path):
+    cfg = _cfg(tmp_path)
+    adapter = _adapter()
+    result = train(cfg, dataset=PairList(), adapter=adapter)
+    assert result.steps == 4 and result.skipped_rows == 0
+    rows = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2, 3, 4] and all(math.isfinite(r["loss"]) for r in rows)
+    loaded = load_adapter(result.export_dir)
+    for (name, p), (_, q) in zip(adapter.transformer.named_parameters(), loaded.transformer.named_parameters()):
+        assert torch.equal(p, q), name
+    assert (tmp_path / "run" / "config.yaml").is_file()
+
+
+@pytest.mark.parametrize("lora", [False, True])
+def test_kill_and_resume_gives_identical_parameters(tmp_path, lora):
+    straight = _cfg(tmp_path / "a", lora=lora, steps=4)
+    straight.train.checkpoint_every = 2
+    full = _adapter()
+    train(straight, dataset=PairList(), adapter=full)
+
+    broken = _cfg(tmp_path / "b", lora=lora, steps=4)
+    broken.train.checkpoint_every = 2
+    train(broken, dataset=PairList(), adapter=_adapter(), stop_after=3)  # "killed" after step 3
+    torch.manual_seed(123)  # a new process: different global RNG
+    resumed = _adapter()
+    result = train(broken, resume=True, dataset=PairList(), adapter=resumed)
+    assert result.steps == 4
+    for (name, p), (_, q) in zip(full.transformer.named_parameters(), resumed.transformer.named_parameters()):
+        assert torch.equal(p, q), name
+
+
+def test_resume_without_a_checkpoint_starts_from_zero(tmp_path):
+    result = train(_cfg(tmp_path, steps=1), resume=True, dataset=PairList(), adapter=_adapter())
+    assert result.steps == 1
+
+
+def test_unreadable_rows_are_skipped_and_counted(tmp_path):
+    cfg = _cfg(tmp_path, steps=3)
+    cfg.data.max_bad_row_fraction = 0.5
+    result = train(cfg, dataset=PairList(n=6, bad=(2,)), adapter=_adapter())
+    assert result.skipped_rows == 1  # 6 pairs in 3 steps of 2: row 2 seen once
+    assert result.history[-1]["skipped_rows"] == 1.0
+    cfg.data.max_bad_row_fraction = 0.1
+    cfg.out_dir = str(tmp_path / "strict")
+    with pytest.raises(UserError, match="could not be read"):
+        train(cfg, dataset=PairList(n=6, bad=(0, 1, 2)), adapter=_adapter())
+
+
+def test_non_finite_steps_are_skipped_counted_and_abort(tmp_path):
+    cfg = _cfg(tmp_path, steps=3)
+    cfg.train.batch_size = 1
+    data = PairList(n=3, nan=(1,))
+    adapter = _adapter()
+    result = train(cfg, dataset=data, adapter=adapter)
+    assert result.nonfinite_steps == 1
+    assert all(torch.isfinite(p).all() for p in adapter.transformer.parameters())
+    cfg.train.max_nonfinite, cfg.out_dir = 0, str(tmp_path / "abort")
+    with pytest.raises(UserError, match="non-finite"):
+        train(cfg, dataset=data, adapter=_adapter())
+
+
+def test_sampler_resumes_mid_epoch_and_splits_ranks():
+    a = PairSampler(10, seed=1)
+    first = [next(a) for _ in range(13)]
+    assert sorted(first[:10]) == list(range(10)) and a.state_dict() == {"epoch": 1, "position": 3}
+    b = PairSampler(10, seed=1)
+    b.load_state_dict(a.state_dict())
+    assert [next(a) for _ in range(9)] == [next(b) for _ in range(9)]
+    r0, r1 = PairSampler(10, seed=1, rank=0, replicas=2), PairSampler(10, seed=1, rank=1, replicas=2)
+    assert sorted([next(r0) for _ in range(5)] + [next(r1) for _ in range(5)]) == list(range(10))
+
+
+def test_warmup_then_cosine():
+    f = warmup_cosine(warmup=2, total=10, min_ratio=0.1)
+    assert [f(0), f(1)] == [0.5, 1.0]
+    assert f(2) == pytest.approx(1.0) and f(10) == pytest.approx(0.1)
+    assert f(6) == pytest.approx(0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * 0.5)))

@@ -1,0 +1,109 @@
+"""How a videodpo run spreads over ranks: data, FSDP, pair and context parallelism.
+
+`build_layout(cfg.parallel)` reads the launcher's environment, builds the named mesh
+of `common.distributed` and keeps the groups the training step needs: the data rank
+(ranks of one pair group and one cp group read the same pairs and draw the same noise),
+the pair group (rank 0 runs the preferred sample, rank 1 the rejected one) and the cp
+group. The model is parallelized from outside by `ParallelLayout.parallelize`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from common.distributed import ParallelDims, build_mesh, init_distributed
+from common.errors import ConfigError
+from videodpo.config import ParallelConfig
+
+
+@dataclass
+class ParallelLayout:
+    device: torch.device
+    rank: int = 0
+    world_size: int = 1
+    dp_rank: int = 0
+    dp_size: int = 1
+    pair_rank: int = 0
+    pair_size: int = 1
+    cp_size: int = 1
+    mesh: Any = None
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    def group(self, dim: str) -> Any:
+        return None if self.mesh is None else self.mesh[dim].get_group()
+
+    def parallelize(self, model: nn.Module, cfg: ParallelConfig, trainable: bool) -> nn.Module:
+        """Context parallelism, activation checkpointing (policy) and FSDP2, from outside."""
+        from common.fsdp import apply_activation_checkpointing, apply_fsdp
+
+        if self.cp_size > 1:
+            from common.context_parallel import build_cp_groups
+            from common.cp_plans import apply_context_parallel
+
+            if cfg.cp_mode not in ("ulysses", "ring"):
+                raise ConfigError(f"parallel.cp_mode must be 'ulysses' or 'ring', got {cfg.cp_mode!r}")
+            ulysses = self.cp_size if cfg.cp_mode == "ulysses" else 1
+            apply_context_parallel(model, build_cp_groups(self.mesh, ulysses=ulysses))
+        ac_every = cfg.activation_checkpointing if trainable else 0
+        if self.world_size > 1 and cfg.fsdp and self.mesh["dp_shard"].size() > 1:
+            apply_fsdp(model, mesh=self.mesh["dp_shard"], param_dtype=cfg.param_dtype or None,
+                       cpu_offload=cfg.reference_cpu_offload and not trainable, ac_every=ac_every)
+        elif ac_every:
+            apply_activation_checkpointing(model, ac_every)
+        if self.world_size > 1 and trainable and not (cfg.fsdp and self.mesh["dp_shard"].size() > 1):
+            # Without FSDP every rank holds the whole model: start from rank 0's weights.
+            for tensor in model.state_dict().values():
+                dist.broadcast(tensor, src=0)
+        return model
+
+    def gather_pair(self, errors: torch.Tensor) -> torch.Tensor:
+        """This rank's per-sample errors -> [preferred; rejected] from both pair ranks."""
+        from common.pair_parallel import gather_pair_errors
+
+        return gather_pair_errors(errors, self.group("pair"))
+
+    def reduce_gradients(self, model: nn.Module) -> None:
+        """Sum gradient shares over pair and cp ranks; average over unsharded data ranks."""
+        if self.world_size == 1:
+            return
+        from common.pair_parallel import reduce_gradients
+
+        reduce_gradients(model, self.mesh)
+
+    def all_ranks_agree(self, flag: bool) -> bool:
+        if self.world_size == 1:
+            return flag
+        t = torch.tensor([0.0 if flag else 1.0], device=self.device)
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        return t.item() == 0.0
+
+    def barrier(self) -> None:
+        if self.world_size > 1:
+            dist.barrier()
+
+
+def build_layout(cfg: ParallelConfig) -> ParallelLayout:
+    info = init_distributed()
+    if info.world_size == 1:
+        if cfg.pair != 1 or cfg.cp != 1:
+            raise ConfigError(f"parallel.pair={cfg.pair} / parallel.cp={cfg.cp} need that many ranks (torchrun)")
+        return ParallelLayout(device=info.device)
+    try:
+        dims = ParallelDims(dp_shard=cfg.dp_shard, cp=cfg.cp, pair=cfg.pair).resolve(info.world_size)
+    except ValueError as err:
+        raise ConfigError(f"parallel: {err}") from None
+    mesh = build_mesh(dims, info.device.type)
+    dp_mesh = mesh["dp_replicate", "dp_shard"]._flatten("dp")
+    return ParallelLayout(
+        device=info.device, rank=info.rank, world_size=info.world_size,
+        dp_rank=dp_mesh.get_local_rank(), dp_size=dp_mesh.size(),
+        pair_rank=mesh["pair"].get_local_rank(), pair_size=dims.pair, cp_size=dims.cp, mesh=mesh,
+    )

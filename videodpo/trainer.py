@@ -1,0 +1,502 @@
+"""`videodpo train`: SFT, Diffusion-DPO and Reg-DPO on GT-Pairs, one process or many.
+
+The loop reads top to bottom: build the adapter (policy), its reference (a frozen copy,
+or the policy with LoRA adapters disabled), parallelize from outside (FSDP2, context
+and pair parallelism, activation checkpointing), then for each optimizer step draw one
+shared timestep and noise per pair, compute the per-sample errors of policy and
+reference, the loss of `videodpo.losses.reg_dpo_loss`, backward, clip, step. A step
+with a non-finite loss or gradient is skipped and counted; too many abort the run.
+Checkpoints hold model, optimizer, LR schedule, data position and RNG, so `--resume`
+continues bit for bit. At the end the model is exported in diffusers format: LoRA
+weights that `pipe.load_lora_weights` reads, or a full `save_pretrained` directory.
+
+`build_training_step(cfg, adapter)` exposes one full optimizer step for benchmarks.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import copy
+import logging
+import math
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from common.config import add_config_args, config_from_args, save_config
+from common.errors import ConfigError, UserError
+from videodpo.config import RunConfig
+from videodpo.losses import LOSS_KINDS, loss_weights, per_sample_error, reg_dpo_loss
+from videodpo.models import VideoModelAdapter, load_adapter
+from videodpo.models.base import Conditions
+from videodpo.parallel import ParallelLayout, build_layout
+
+logger = logging.getLogger(__name__)
+HELP = "SFT / DPO / Reg-DPO training of a video diffusion transformer on preference pairs"
+
+
+# ---- batches ------------------------------------------------------------------------
+
+
+@dataclass
+class PairBatch:
+    """Latents of the preferred (`chosen`) and rejected clips `(B, C, f, h, w)` and
+    their shared conditions."""
+
+    chosen: torch.Tensor
+    rejected: torch.Tensor
+    cond: Conditions
+
+    def to(self, device: torch.device) -> PairBatch:
+        return PairBatch(self.chosen.to(device), self.rejected.to(device), {k: v.to(device) for k, v in self.cond.items()})
+
+
+def collate_pairs(adapter: VideoModelAdapter, items: list[dict]) -> PairBatch:
+    """Dataset items -> a `PairBatch`. An item holds `chosen` / `rejected` clips
+    `(3, F, H, W)` in [-1, 1] (encoded here) or latents (`"latent": True`), a `caption`
+    (or cached `text`), and for I2V a `first_frame` (or cached `image_latents`)."""
+    chosen = torch.stack([it["chosen"] for it in items])
+    rejected = torch.stack([it["rejected"] for it in items])
+    if not items[0].get("latent", False):
+        num_frames = chosen.shape[2]
+        first = torch.stack([it.get("first_frame", it["chosen"][:, 0]) for it in items])
+        chosen, rejected = adapter.encode_video(chosen), adapter.encode_video(rejected)
+    else:
+        num_frames, first = items[0].get("num_frames", 0), None
+    cond: Conditions = {}
+    if "text" in items[0]:
+        cond["text"] = torch.stack([it["text"] for it in items])
+    else:
+        cond["text"] = adapter.encode_prompts([it["caption"] for it in items])
+    if adapter.task == "i2v":
+        if "image_latents" in items[0]:
+            for key in ("image_latents", "image_embeds"):
+                if key in items[0]:
+                    cond[key] = torch.stack([it[key] for it in items])
+        else:
+            if first is None:
+                raise UserError("I2V training from latents needs cached image_latents")
+            cond.update(adapter.image_conditions(first, num_frames))
+    return PairBatch(chosen, rejected, cond)
+
+
+class PairSampler:
+    """Resumable shuffled order over dataset indices, a different share per data rank.
+
+    Epoch e visits `randperm(N)` seeded by (seed, e); data rank r of R takes every R-th
+    index. The state is (epoch, position), so resuming costs nothing.
+    """
+
+    def __init__(self, size: int, seed: int, rank: int = 0, replicas: int = 1) -> None:
+        if size < replicas:
+            raise UserError(f"{size} training pairs cannot be split over {replicas} data-parallel ranks")
+        self.size, self.seed, self.rank, self.replicas = size, seed, rank, replicas
+        self.epoch, self.position = 0, 0
+        self._order = self._epoch_order()
+
+    def _epoch_order(self) -> list[int]:
+        g = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
+        order = torch.randperm(self.size, generator=g).tolist()
+        usable = len(order) - len(order) % self.replicas
+        return order[self.rank:usable:self.replicas]
+
+    def __iter__(self) -> Iterator[int]:
+        return self
+
+    def __next__(self) -> int:
+        if self.position >= len(self._order):
+            self.epoch, self.position = self.epoch + 1, 0
+            self._order = self._epoch_order()
+        index = self._order[self.position]
+        self.position += 1
+        return index
+
+    def state_dict(self) -> dict[str, int]:
+        return {"epoch": self.epoch, "position": self.position}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        self.epoch, self.position = int(state["epoch"]), int(state["position"])
+        self._order = self._epoch_order()
+
+
+class PairLoader:
+    """Batches of `PairBatch` from a map-style dataset; rows that fail to load (the
+    dataset returns None or raises a `DataError`) are skipped and counted."""
+
+    def __init__(self, dataset: Any, adapter: VideoModelAdapter, batch_size: int, sampler: PairSampler,
+                 max_bad_fraction: float = 0.1) -> None:
+        self.dataset, self.adapter, self.batch_size, self.sampler = dataset, adapter, batch_size, sampler
+        self.max_bad_fraction = max_bad_fraction
+        self.skipped, self.seen = 0, 0
+
+    def next_batch(self) -> PairBatch:
+        from common.errors import DataError
+
+        items: list[dict] = []
+        while len(items) < self.batch_size:
+            index = next(self.sampler)
+            self.seen += 1
+            try:
+                item = self.dataset[index]
+            except DataError as err:
+                logger.warning("skipping pair %d: %s", index, err)
+                item = None
+            if item is None:
+                self.skipped += 1
+                if self.skipped > max(1, self.max_bad_fraction * len(self.dataset)):
+                    raise UserError(
+                        f"{self.skipped} of {len(self.dataset)} training pairs could not be read "
+                        f"(more than data.max_bad_row_fraction={self.max_bad_fraction}); run `videodpo check-data`"
+                    )
+                continue
+            items.append(item)
+        return collate_pairs(self.adapter, items)
+
+    def state_dict(self) -> dict[str, int]:
+        return {**self.sampler.state_dict(), "skipped": self.skipped, "seen": self.seen}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        self.sampler.load_state_dict(state)
+        self.skipped, self.seen = int(state.get("skipped", 0)), int(state.get("seen", 0))
+
+
+def random_pair_batch(adapter: VideoModelAdapter, batch_size: int, num_frames: int, height: int, width: int,
+                      seed: int = 0) -> PairBatch:
+    """A batch of random latents and conditions of the right shapes (benchmarks, tests)."""
+    g = torch.Generator().manual_seed(seed)
+    cfg = adapter.transformer.config
+    channels = cfg.out_channels or cfg.in_channels
+    shape = (batch_size, channels, num_frames, height, width)
+    text_dim = getattr(cfg, "text_dim", None) or cfg.text_embed_dim
+    text_len = getattr(cfg, "max_text_seq_length", None) or 8
+    cond: Conditions = {"text": torch.randn(batch_size, text_len, text_dim, generator=g)}
+    if adapter.task == "i2v":
+        extra = cfg.in_channels - channels
+        cond["image_latents"] = torch.randn(batch_size, extra, num_frames, height, width, generator=g)
+    return PairBatch(torch.randn(shape, generator=g), torch.randn(shape, generator=g), cond)
+
+
+# ---- the training state and one step -----------------------------------------------
+
+
+@dataclass
+class TrainingState:
+    cfg: RunConfig
+    adapter: VideoModelAdapter
+    policy: nn.Module
+    reference: nn.Module | None  # None with LoRA: the policy with adapters disabled
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LambdaLR
+    layout: ParallelLayout
+    generator: torch.Generator
+    step: int = 0
+    nonfinite: int = 0
+    history: list[dict] = field(default_factory=list)
+
+    @property
+    def lora(self) -> bool:
+        return self.cfg.lora.enabled
+
+    def reference_context(self) -> contextlib.AbstractContextManager:
+        if self.reference is not None:
+            return contextlib.nullcontext()
+        return _adapters_disabled(self.policy)
+
+
+@contextlib.contextmanager
+def _adapters_disabled(model: nn.Module) -> Iterator[None]:
+    model.disable_adapters()
+    try:
+        yield
+    finally:
+        model.enable_adapters()
+
+
+def warmup_cosine(warmup: int, total: int, min_ratio: float) -> Callable[[int], float]:
+    """LR multiplier: linear warmup to 1 over `warmup` steps, cosine to `min_ratio` at `total`."""
+
+    def factor(step: int) -> float:
+        if warmup and step < warmup:
+            return (step + 1) / warmup
+        span = max(1, total - warmup)
+        progress = min(1.0, (step - warmup) / span)
+        return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+    return factor
+
+
+def _add_lora(model: nn.Module, cfg: RunConfig) -> None:
+    from peft import LoraConfig
+
+    model.requires_grad_(False)
+    model.add_adapter(
+        LoraConfig(r=cfg.lora.rank, lora_alpha=cfg.lora.alpha, lora_dropout=cfg.lora.dropout,
+                   target_modules=list(cfg.lora.target_modules), init_lora_weights=True)
+    )
+
+
+def validate_config(cfg: RunConfig) -> None:
+    if cfg.loss.kind not in LOSS_KINDS:
+        raise ConfigError(f"loss.kind must be one of {LOSS_KINDS}, got {cfg.loss.kind!r}")
+    if cfg.parallel.pair == 2 and cfg.loss.kind == "sft":
+        raise ConfigError("parallel.pair=2 needs a preference loss (dpo or reg_dpo): SFT has one sample")
+    if cfg.train.mixed_precision not in ("no", "bf16"):
+        raise ConfigError(f"train.mixed_precision must be 'no' or 'bf16', got {cfg.train.mixed_precision!r}")
+    if cfg.train.grad_accum < 1 or cfg.train.batch_size < 1:
+        raise ConfigError("train.grad_accum and train.batch_size must be >= 1")
+
+
+def build_training_state(cfg: RunConfig, adapter: VideoModelAdapter | None = None) -> TrainingState:
+    """Adapter, reference, parallel wrapping, optimizer and LR schedule for `cfg`."""
+    validate_config(cfg)
+    layout = build_layout(cfg.parallel)
+    if adapter is None:
+        if not cfg.model.path:
+            raise ConfigError("model.path: set it to a local diffusers model directory")
+        from common.fsdp import to_dtype
+
+        adapter = load_adapter(cfg.model.path, dtype=to_dtype(cfg.model.dtype), flow_shift=cfg.model.flow_shift)
+    if adapter.objective.kind == "flow_matching":
+        adapter.objective.shift = cfg.model.flow_shift
+    policy = adapter.transformer.to(layout.device)
+    reference = None
+    if cfg.lora.enabled:
+        _add_lora(policy, cfg)
+    elif cfg.loss.kind != "sft":
+        reference = copy.deepcopy(policy).requires_grad_(False).eval()
+    layout.parallelize(policy, cfg.parallel, trainable=True)
+    if reference is not None:
+        layout.parallelize(reference, cfg.parallel, trainable=False)
+    params = [p for p in policy.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=cfg.optim.lr, betas=(cfg.optim.beta1, cfg.optim.beta2),
+                                  eps=cfg.optim.eps, weight_decay=cfg.optim.weight_decay)
+    factor = warmup_cosine(cfg.optim.warmup_steps, cfg.train.steps, cfg.optim.min_lr_ratio)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+    # Pair and cp ranks of one data rank must draw the same timesteps and noise.
+    generator = torch.Generator().manual_seed(cfg.train.seed + 7919 * layout.dp_rank)
+    return TrainingState(cfg, adapter, policy, reference, optimizer, scheduler, layout, generator)
+
+
+def _autocast(state: TrainingState) -> contextlib.AbstractContextManager:
+    if state.cfg.train.mixed_precision == "bf16":
+        return torch.autocast(device_type=state.layout.device.type, dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def pair_errors(state: TrainingState, batch: PairBatch) -> tuple[torch.Tensor, ...]:
+    """Per-sample errors (policy_w, policy_l, ref_w, ref_l) of one micro-batch; rejected
+    and reference are None for SFT. Timestep and noise are shared within a pair."""
+    adapter, objective, layout = state.adapter, state.adapter.objective, state.layout
+    batch = batch.to(layout.device)
+    b = batch.chosen.shape[0]
+    t = objective.sample_timesteps(b, state.generator).to(layout.device)
+    noise = torch.randn(batch.chosen.shape, generator=state.generator).to(layout.device, batch.chosen.dtype)
+    sft_only = state.cfg.loss.kind == "sft"
+    if sft_only:
+        x, cond, tt, nn_ = batch.chosen, batch.cond, t, noise
+    elif layout.pair_size == 2:
+        x = batch.chosen if layout.pair_rank == 0 else batch.rejected
+        cond, tt, nn_ = batch.cond, t, noise
+    else:
+        x = torch.cat([batch.chosen, batch.rejected])
+        cond = {k: torch.cat([v, v]) for k, v in batch.cond.items()}
+        tt, nn_ = torch.cat([t, t]), torch.cat([noise, noise])
+    noisy = objective.add_noise(x, nn_, tt)
+    target = objective.target(x, nn_, tt)
+    with _autocast(state):
+        e_policy = per_sample_error(adapter.predict(state.policy, noisy, tt, cond), target)
+    if sft_only:
+        return e_policy, None, None, None
+    with torch.no_grad(), state.reference_context(), _autocast(state):
+        ref_model = state.reference if state.reference is not None else state.policy
+        e_ref = per_sample_error(adapter.predict(ref_model, noisy, tt, cond), target)
+    if layout.pair_size == 2:
+        e_policy = layout.gather_pair(e_policy)
+        e_ref = layout.gather_pair(e_ref.detach())
+    return e_policy[:b], e_policy[b:], e_ref[:b], e_ref[b:]
+
+
+def training_step(state: TrainingState, batches: list[PairBatch]) -> dict[str, float]:
+    """One optimizer step over `len(batches)` accumulated micro-batches."""
+    cfg = state.cfg
+    dpo_w, sft_w = loss_weights(cfg.loss.kind, cfg.loss.sft_weight)
+    state.optimizer.zero_grad(set_to_none=True)
+    sums: dict[str, float] = {}
+    finite = True
+    for batch in batches:
+        pw, pl, rw, rl = pair_errors(state, batch)
+        loss, metrics = reg_dpo_loss(pw, pl, rw, rl, beta=cfg.loss.beta, sft_weight=sft_w, dpo_weight=dpo_w)
+        finite = finite and math.isfinite(metrics["loss"])
+        if finite:
+            (loss / len(batches)).backward()
+        for k, v in metrics.items():
+            sums[k] = sums.get(k, 0.0) + v / len(batches)
+    state.layout.reduce_gradients(state.policy)
+    params = [p for p in state.policy.parameters() if p.requires_grad]
+    grad_norm = float("nan")
+    if finite:
+        max_norm = cfg.optim.grad_clip if cfg.optim.grad_clip > 0 else float("inf")
+        grad_norm = float(torch.nn.utils.clip_grad_norm_(params, max_norm))
+        finite = math.isfinite(grad_norm)
+    finite = state.layout.all_ranks_agree(finite)
+    if finite:
+        state.optimizer.step()
+        state.scheduler.step()
+    else:
+        state.optimizer.zero_grad(set_to_none=True)
+        state.nonfinite += 1
+        logger.warning("step %d: non-finite loss or gradient, step skipped (%d so far)", state.step + 1, state.nonfinite)
+        if state.nonfinite > cfg.train.max_nonfinite:
+            raise UserError(
+                f"{state.nonfinite} steps had a non-finite loss or gradient (train.max_nonfinite="
+                f"{cfg.train.max_nonfinite}); lower optim.lr or loss.beta, or use train.mixed_precision=no"
+            )
+    state.step += 1
+    sums.update(grad_norm=grad_norm, lr=state.scheduler.get_last_lr()[0], nonfinite_steps=float(state.nonfinite))
+    return sums
+
+
+def build_training_step(
+    cfg: RunConfig, adapter: VideoModelAdapter | None = None
+) -> tuple[Callable[[PairBatch | list[PairBatch]], dict[str, float]], TrainingState]:
+    """`(step_fn, state)`: `step_fn(batch)` runs one full optimizer step (policy and
+    reference forward, backward, clip, AdamW) with the layout of `cfg.parallel`."""
+    state = build_training_state(cfg, adapter)
+
+    def step_fn(batch: PairBatch | list[PairBatch]) -> dict[str, float]:
+        return training_step(state, batch if isinstance(batch, list) else [batch])
+
+    return step_fn, state
+
+
+# ---- the run ------------------------------------------------------------------------
+
+
+@dataclass
+class TrainResult:
+    out_dir: Path
+    steps: int
+    history: list[dict]
+    export_dir: Path | None
+    skipped_rows: int = 0
+    nonfinite_steps: int = 0
+
+
+def open_training_data(cfg: RunConfig, adapter: VideoModelAdapter) -> Any:
+    """The map-style pair dataset named by `data.latent_cache` or `data.manifest`."""
+    if cfg.data.latent_cache:
+        from videodpo.data.latent_cache import LatentPairDataset
+
+        return LatentPairDataset(cfg.data.latent_cache)
+    if not cfg.data.manifest:
+        raise ConfigError("data.manifest or data.latent_cache: set one to the training pairs")
+    from videodpo.data.dataset import PairDataset
+
+    return PairDataset(cfg.data.manifest, num_frames=cfg.data.num_frames or None,
+                       height=cfg.data.height or None, width=cfg.data.width or None)
+
+
+def export_model(state: TrainingState, out_dir: Path) -> Path:
+    """LoRA weights in diffusers format, or a full `save_pretrained` directory."""
+    from common.fsdp import full_state_dict
+
+    full = full_state_dict(state.policy) if state.layout.world_size > 1 else None
+    if not state.layout.is_main:
+        return out_dir
+    if state.lora:
+        from peft.utils import get_peft_model_state_dict
+
+        sd = get_peft_model_state_dict(state.policy, state_dict=full)
+        return state.adapter.save_lora(out_dir, sd)
+    model = state.policy
+    if full is not None:
+        model = type(state.adapter).transformer_class.from_config(state.policy.config)
+        model.load_state_dict(full)
+    return state.adapter.save_pretrained(out_dir, transformer=model)
+
+
+def train(
+    cfg: RunConfig,
+    resume: bool = False,
+    dataset: Any = None,
+    adapter: VideoModelAdapter | None = None,
+    stop_after: int | None = None,
+    validator: Callable[[TrainingState], dict[str, float]] | None = None,
+) -> TrainResult:
+    """Train as `cfg` says. `dataset` / `adapter` replace the ones `cfg` names (the demo
+    passes in-memory ones); `stop_after` ends the process early as a kill would, after
+    that step's checkpoint."""
+    from common.checkpoint import Checkpointer
+    from common.metrics import MetricsLogger, progress
+
+    out_dir = Path(cfg.out_dir)
+    state = build_training_state(cfg, adapter)
+    layout = state.layout
+    if layout.is_main:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        save_config(cfg, out_dir)
+    dataset = open_training_data(cfg, state.adapter) if dataset is None else dataset
+    sampler = PairSampler(len(dataset), cfg.train.seed, layout.dp_rank, layout.dp_size)
+    loader = PairLoader(dataset, state.adapter, cfg.train.batch_size, sampler, cfg.data.max_bad_row_fraction)
+    checkpointer = Checkpointer(out_dir / "checkpoints", keep_last=cfg.train.keep_checkpoints)
+    if resume:
+        extra: dict = {}
+        step = checkpointer.load(model=state.policy, optimizer=state.optimizer, scheduler=state.scheduler,
+                                 extra=extra)
+        if step is None:
+            logger.info("--resume: no checkpoint under %s, starting from step 0", checkpointer.root)
+        else:
+            state.step, state.nonfinite = step, int(extra["nonfinite"])
+            loader.load_state_dict(extra["data"])
+            state.generator.set_state(extra["generator"])
+            logger.info("resumed from step %d", step)
+    metrics_log = MetricsLogger(out_dir, enabled=layout.is_main)
+    if validator is None and cfg.validation.every:
+        from videodpo.validation import Validator
+
+        validator = Validator(cfg, state.adapter)
+    bar = progress(total=cfg.train.steps, desc=f"train {cfg.loss.kind}")
+    bar.update(state.step)
+    while state.step < cfg.train.steps:
+        batches = [loader.next_batch() for _ in range(cfg.train.grad_accum)]
+        metrics = training_step(state, batches)
+        metrics["skipped_rows"] = float(loader.skipped)
+        if state.step % cfg.train.log_every == 0 or state.step == cfg.train.steps:
+            metrics_log.log(state.step, metrics)
+        state.history.append({"step": state.step, **metrics})
+        if validator is not None and cfg.validation.every and state.step % cfg.validation.every == 0:
+            metrics_log.log(state.step, {f"val/{k}": v for k, v in validator(state).items()})
+        bar.update(1)
+        every = cfg.train.checkpoint_every
+        if (every and state.step % every == 0) or state.step == cfg.train.steps:
+            checkpointer.save(state.step, model=state.policy, optimizer=state.optimizer, scheduler=state.scheduler,
+                              extra={"data": loader.state_dict(), "nonfinite": state.nonfinite,
+                                     "generator": state.generator.get_state()})
+        if stop_after is not None and state.step >= stop_after:
+            bar.close()
+            metrics_log.close()
+            return TrainResult(out_dir, state.step, state.history, None, loader.skipped, state.nonfinite)
+    bar.close()
+    export_dir = export_model(state, out_dir / ("final_lora" if state.lora else "final"))
+    metrics_log.close()
+    layout.barrier()
+    return TrainResult(out_dir, state.step, state.history, export_dir, loader.skipped, state.nonfinite)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    add_config_args(parser)
+    parser.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in out_dir")
+
+
+def run(args: argparse.Namespace) -> int:
+    cfg = config_from_args(RunConfig, args)
+    result = train(cfg, resume=args.resume)
+    if result.export_dir is not None and (not dist.is_initialized() or dist.get_rank() == 0):
+        print(f"trained {result.steps} steps; model exported to {result.export_dir}")
+    return 0
