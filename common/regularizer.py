@@ -25,11 +25,12 @@ Paths, which give the same update (tests/common/test_regularizer.py):
   grad); the reference; n + B_T full gradients in memory; single process only.
 - `ghost`: one forward per batch and one backward that stops at module outputs (no
   weight gradients). For `nn.Linear` the Gram entries come from layer inputs X and output
-  gradients G: <g_i, g_j> = sum_{s,t} (X_i X_j^T)_{st} (G_i G_j^T)_{st}. With
-  `ghost_pairs="auto"`, a layer whose per-sample gradients are cheaper to form than the
-  T x T products (T tokens per sample) gets them formed for that layer alone and freed
-  before the next layer; with `granularity="layer"` on one process the layer is then
-  solved and written at once from them. `ghost_pairs="ghost"` never forms them.
+  gradients G: <g_i, g_j> = sum_{s,t} (X_i X_j^T)_{st} (G_i G_j^T)_{st}, the target
+  column being the block of all target tokens. With `granularity="layer"` on one
+  process each layer is solved and written as soon as its Gram is known, and under
+  `ghost_pairs="auto"` a layer whose n per-sample gradients are cheaper to form than
+  the token x token products (long sequences) gets them formed for that layer alone
+  and freed before the next; `ghost_pairs="ghost"` never forms them.
   Embeddings use the touched rows only; other modules (norms) get per-sample gradients of
   their own few parameters from their captured input and output gradient. The update of
   each layer is b * g_T + (a-weighted G)^T X, formed from the captured tensors.
@@ -59,6 +60,7 @@ from typing import Any
 import numpy as np
 import torch
 import torch.distributed as dist
+import torch.nn.functional as F
 from torch import nn
 from torch.distributed.tensor import DTensor, Shard
 from torch.utils._pytree import tree_map
@@ -78,7 +80,9 @@ class RegularizerConfig:
     fraction: float = 0.5  # share of general samples kept by `subset`
     n_general: int = 8  # general samples per step (size of the general batch)
     path: str = "ghost"  # materialized | ghost | sketch
-    ghost_pairs: str = "auto"  # auto | ghost: how a Linear's general-general Gram is formed
+    ghost_pairs: str = "auto"  # auto | ghost: may a Linear's per-sample gradients be formed
+    max_layer_numel: int = 1 << 27  # cap on one layer's n per-sample gradients under "auto"
+    ghost_chunk: int = 4096  # token rows per block of the T x T ghost products
     sketch_dim: int = 256  # k of each sketch factor
     sketch_min_numel: int = 1 << 22  # Linear layers with at least this many weights are sketched
     seed: int = 0  # sketches are drawn from (seed, step)
@@ -313,79 +317,84 @@ class DataRegularizer:
                 if r.grad_out is None:
                     continue
                 x, g = r.x.float(), r.grad_out[..., rows].float()
-                if has_bias:
+                if has_bias:  # the bias is a weight column on a constant-1 input
                     x = torch.cat([x, x.new_ones(*x.shape[:-1], 1)], dim=-1)
                 lead = x.shape[0] if batched else 1
                 xs.append(x.reshape(lead, -1, x.shape[-1]))
                 gs.append(g.reshape(lead, -1, g.shape[-1]))
             if not xs:
                 return None, None
+            if len(xs) == 1:
+                return xs[0], gs[0]
             return torch.cat(xs, dim=1), torch.cat(gs, dim=1)
 
-        xt, gt = tokens(recs["t"], batched=False)
-        xg, gg = tokens(recs["g"], batched=True)
         width = module.in_features + int(has_bias)
         out_rows = rows.stop - rows.start
-        g_target = torch.zeros(out_rows, width) if xt is None else gt[0].T @ xt[0]
+        xt, gt = tokens(recs["t"], batched=False)
+        xg, gg = tokens(recs["g"], batched=True)
+        if xt is None:  # the target loss did not reach this layer
+            xt, gt = torch.zeros(1, 0, width), torch.zeros(1, 0, out_rows)
+        if xg is None:
+            xg, gg = torch.zeros(n, 0, width), torch.zeros(n, 0, out_rows)
         cfg = self.config
-        per_sample = None  # (n, out, width), formed only when cheaper than T x T products
-        if xg is not None and cfg.path == "sketch" and out_rows * width >= cfg.sketch_min_numel:
+        if cfg.path == "sketch" and out_rows * width >= cfg.sketch_min_numel:
+            g_target = gt[0].T @ xt[0]
             gram = self._linear_sketch_gram(name, g_target, xg, gg)
-        else:
-            gram = torch.zeros(n + 1, n + 1, dtype=torch.float64)
-            gram[0, 0] = (g_target.double() ** 2).sum()
-            if xg is not None:
-                if self._materialize_pairs(xg, gg, transient):
-                    per_sample = torch.einsum("nto,nti->noi", gg, xg)
-                    flat = per_sample.reshape(n, -1)
-                    cross = flat @ g_target.reshape(-1)
-                    gram[1:, 1:] = (flat @ flat.T).double()
-                else:
-                    cross = torch.einsum("nto,nto->n", xg @ g_target.T, gg)
-                    gram[1:, 1:] = self._ghost_pairs(xg, gg)
-                gram[0, 1:] = gram[1:, 0] = cross.double()
+            return gram, self._token_writer(module, xt, gt, xg, gg)
+        if self._per_sample_route(xt, xg, gg, transient):
+            return self._linear_per_sample(module, xt, gt, xg, gg)
+        gram = _ghost_gram(xt[0], gt[0], xg, gg, cfg.ghost_chunk)
+        return gram, self._token_writer(module, xt, gt, xg, gg)
+
+    def _per_sample_route(self, xt, xg, gg, transient: bool) -> bool:
+        """Whether to form this layer's n per-sample gradients instead of T x T products.
+
+        Only in `transient` mode (the layer is solved and written right away, so they are
+        freed before the next layer), only under `ghost_pairs="auto"`, when they fit in
+        `max_layer_numel` and are cheaper. Costs: ghost products 2 N^2 (in + out) for N
+        tokens in all; per-sample gradients n in out (2T + 128), the constant standing for
+        writing n out x in blocks from a T-deep product (memory bound, measured on CPUs).
+        """
+        if not transient or self.config.ghost_pairs != "auto":
+            return False
+        n, T, width = xg.shape
+        out = gg.shape[-1]
+        if n * width * out > self.config.max_layer_numel:
+            return False
+        tokens = xt.shape[1] + n * T
+        ghost_cost = 2 * tokens * tokens * (width + out)
+        per_sample_cost = n * width * out * (2 * T + 128 + 2 * n)
+        return per_sample_cost < ghost_cost
+
+    def _linear_per_sample(self, module, xt, gt, xg, gg):
+        n = xg.shape[0]
+        g_target = gt[0].T @ xt[0]
+        per_sample = torch.bmm(gg.transpose(1, 2), xg).reshape(n, -1)
+        gram = torch.zeros(n + 1, n + 1, dtype=torch.float64)
+        gram[0, 0] = _sq_norm(g_target)
+        gram[0, 1:] = gram[1:, 0] = (per_sample @ g_target.reshape(-1)).double()
+        gram[1:, 1:] = (per_sample @ per_sample.T).double()
 
         def write(coef):
-            update = coef[0].item() * g_target
-            if per_sample is not None:
-                update = update + torch.einsum("n,noi->oi", coef[1:].to(per_sample.dtype), per_sample)
-            elif xg is not None:
-                a = coef[1:].to(gg.dtype)
-                weighted = (gg * a[:, None, None]).reshape(-1, gg.shape[-1])
-                update = update + weighted.T @ xg.reshape(-1, width)
-            weight = update[:, : module.in_features]
-            _set_grad(module.weight, weight)
-            if has_bias:
-                _set_grad(module.bias, update[:, -1])
+            mixed = coef[1:].to(per_sample.dtype) @ per_sample
+            _set_linear_grad(module, mixed.view_as(g_target).add_(g_target, alpha=coef[0].item()))
 
         return gram, write
 
-    def _materialize_pairs(self, xg, gg, transient: bool) -> bool:
-        """Form one layer's per-sample gradients when that beats T x T ghost products.
+    def _token_writer(self, module, xt, gt, xg, gg):
+        """Update b * g_T + sum_i a_i G_i^T X_i as one GEMM over the tokens that count."""
 
-        Outside `transient` mode they would be kept until all groups are solved, which
-        for `model`/`block` granularity would hold n gradients of the whole group, so
-        the (T x T) ghost products are used there and the per-sample block is freed at once.
-        """
-        n, T, width = xg.shape
-        out = gg.shape[-1]
-        ghost_cost = n * n * T * T * (width + out)
-        materialize_cost = n * T * width * out + n * n * width * out
-        return self.config.ghost_pairs == "auto" and materialize_cost < ghost_cost and transient
+        def write(coef):
+            b, a = coef[0].item(), coef[1:].to(gg.dtype)
+            keep = a != 0
+            xs, gs = [xg[keep].reshape(-1, xg.shape[-1])], [(gg[keep] * a[keep, None, None])]
+            gs[0] = gs[0].reshape(-1, gg.shape[-1])
+            if b != 0:
+                xs.append(xt[0])
+                gs.append(gt[0] * b)
+            _set_linear_grad(module, torch.cat(gs).T @ torch.cat(xs))
 
-    def _ghost_pairs(self, xg, gg):
-        """Gram of the general per-sample gradients G_i^T X_i of one Linear, from T x T
-        products of inputs and of output gradients (no per-sample gradient formed)."""
-        n, T, width = xg.shape
-        out = gg.shape[-1]
-        ghost_cost = n * n * T * T * (width + out)
-        materialize_cost = n * T * width * out + n * n * width * out
-        if self.config.ghost_pairs == "auto" and materialize_cost < ghost_cost:
-            per_sample = torch.einsum("nto,nti->noi", gg, xg).reshape(n, -1)
-            return (per_sample @ per_sample.T).double()  # freed on return
-        xx = torch.einsum("nti,msi->nmts", xg, xg)
-        gg2 = torch.einsum("nto,mso->nmts", gg, gg)
-        return (xx * gg2).sum((2, 3)).double()
+        return write
 
     def _linear_sketch_gram(self, name, g_target, xg, gg):
         """Gram of Kronecker sketches Po^T g Pi of [g_T, g_1..g_n] (unbiased estimate)."""
@@ -429,7 +438,7 @@ class DataRegularizer:
         if target is not None:
             g_target.index_add_(0, target[0], target[1])
         gram = torch.zeros(n + 1, n + 1, dtype=torch.float64)
-        gram[0, 0] = (g_target.double() ** 2).sum()
+        gram[0, 0] = _sq_norm(g_target)
         compact = None
         if general is not None:
             ids, g, owner = general
@@ -614,6 +623,46 @@ def _set_grad(p: torch.Tensor, update: torch.Tensor) -> None:
         )
     else:
         p.grad = update.to(p.dtype).reshape(p.shape).contiguous()
+
+
+def _ghost_gram(
+    xt: torch.Tensor, gt: torch.Tensor, xg: torch.Tensor, gg: torch.Tensor, chunk: int
+) -> torch.Tensor:
+    """Gram of [g_T, g_1..g_n] for a Linear from token inputs and output gradients.
+
+    With every token's input x and output gradient g stacked (target tokens first, then
+    each general sample's T tokens), the per-sample gradient of a block of tokens is
+    sum g x^T, so <block_a, block_b> = sum_{s in a, t in b} (x_s . x_t)(g_s . g_t): the
+    block sums of (X X^T) * (G G^T), built a band of rows at a time and only on and above
+    the diagonal (the lower part is the transpose).
+    """
+    n, T, _ = xg.shape
+    x = torch.cat([xt, xg.reshape(-1, xg.shape[-1])])
+    g = torch.cat([gt, gg.reshape(-1, gg.shape[-1])])
+    block = torch.cat([torch.zeros(len(xt), dtype=torch.long), torch.arange(1, n + 1).repeat_interleave(T)])
+    member = F.one_hot(block, n + 1).to(x.dtype)  # (N, n+1) token -> column
+    upper = torch.zeros(n + 1, n + 1, dtype=torch.float64)
+    diagonal = torch.zeros(n + 1, n + 1, dtype=torch.float64)
+    band = max(1, min(chunk, math.ceil(len(x) / 4)))
+    for start in range(0, len(x), band):
+        stop = start + band
+        products = (x[start:stop] @ x[start:].T) * (g[start:stop] @ g[start:].T)
+        part = member[start:stop].T @ products[:, : stop - start] @ member[start:stop]
+        diagonal += part.double()
+        if stop < len(x):
+            upper += (member[start:stop].T @ products[:, stop - start :] @ member[stop:]).double()
+    return diagonal + upper + upper.T
+
+
+def _set_linear_grad(module: nn.Linear, update: torch.Tensor) -> None:
+    _set_grad(module.weight, update[:, : module.in_features])
+    if module.bias is not None:
+        _set_grad(module.bias, update[:, -1])
+
+
+def _sq_norm(t: torch.Tensor) -> float:
+    flat = t.reshape(-1)
+    return torch.dot(flat, flat).item()
 
 
 def _sketch_matrix(m: int, k: int, gen: torch.Generator) -> torch.Tensor:
