@@ -21,13 +21,21 @@ from typing import Any
 import torch
 
 from common.config import add_config_args, config_from_args, save_config
+from common.distributed import barrier
 from common.errors import ConfigError
 from llmpost.config import PipelineConfig
 from llmpost.dapo_trainer import train_dapo
 from llmpost.data import TaskRecord, load_many
 from llmpost.diagnose import capability_map, write_capability_map
 from llmpost.evaluate import eval_records, evaluate_tasks, format_scores, score_rows
-from llmpost.policy import build_policy, rank_and_world, save_policy, shard_policy, untie_embeddings
+from llmpost.policy import (
+    build_policy,
+    global_sum,
+    rank_and_world,
+    save_policy,
+    shard_policy,
+    untie_embeddings,
+)
 from llmpost.rewards import RewardRegistry, default_registry
 from llmpost.sft import train_sft
 from llmpost.tokenizer import load_tokenizer
@@ -74,7 +82,8 @@ def _load_data(cfg: PipelineConfig) -> dict[str, list[TaskRecord]]:
 def prepare_base(cfg: PipelineConfig) -> Path:
     """The base model directory; builds and saves the tiny model when no path is given."""
     out = model_dir(cfg, 0)
-    if (out / "config.json").exists():
+    # Every rank must take the same branch (saving is collective): exists on all ranks?
+    if global_sum(float((out / "config.json").exists())) == rank_and_world()[1]:
         return out
     if cfg.model.path:
         raise FileNotFoundError(f"model.path {out} has no config.json")
@@ -162,6 +171,7 @@ def run_stage(cfg: PipelineConfig, stage: int, registry: RewardRegistry | None =
 def _finish(out: Path, result: dict[str, Any]) -> None:
     _write_json(out / "eval.json", result)
     _write_json(out / "done.json", {"sns_avg": result["sns_avg"], "general_avg": result["general_avg"]})
+    barrier()  # other ranks read done.json and the capability map next
 
 
 def run_pipeline(cfg: PipelineConfig, stages: tuple[int, ...] = (0, 1, 2, 3),

@@ -3,6 +3,7 @@ batch (token-level mean over all ranks, several mini-batches, micro-batches, cli
 
 import random
 
+import pytest
 import torch
 
 from common.fsdp import apply_fsdp, full_state_dict
@@ -78,3 +79,24 @@ def test_fsdp_two_ranks_match_one_process():
             torch.testing.assert_close(result[name], value, rtol=1e-5, atol=1e-6, msg=name)
     moved = sum((expected[k] - state[k]).abs().sum() for k in state)
     assert moved > 0
+
+
+def _pipeline_on_rank(rank, world, cfg):
+    from llmpost.pipeline import run_stage
+
+    return [run_stage(cfg, stage)["tasks"] for stage in (0, 1, 2, 3)]
+
+
+@pytest.mark.slow
+def test_pipeline_on_two_ranks(tmp_path, word_tokenizer):
+    """Stages 0-3 under FSDP2 on 2 processes: synced generation, dynamic sampling rounds,
+    sharded evaluation and saving all stay in step across ranks."""
+    from llmpost.tasks import write_suite
+    from tests.llmpost.test_pipeline import _config
+
+    paths = write_suite(tmp_path / "data", n_train=20, n_eval=3, seed=0)
+    word_tokenizer.save_pretrained(str(tmp_path / "tokenizer"))
+    cfg = _config((tmp_path, paths), tmp_path / "run")
+    results = run_on_ranks(_pipeline_on_rank, 2, cfg)
+    assert results[0] == results[1]
+    assert (tmp_path / "run" / "stage3" / "model" / "model.safetensors").exists()
