@@ -14,9 +14,10 @@ Gradient convention (shared with `common.context_parallel`): every rank's gradie
 its share, the share of its sample (pair) and of its tokens (cp). The gradient of the
 loss is the SUM over pair and cp and the MEAN over data-parallel ranks:
 - without FSDP: `reduce_gradients(model.parameters(), mesh)` after backward;
-- with FSDP2: shard over `fsdp_mesh(mesh)` (dp_shard x pair x cp flattened) and call
-  `model.set_gradient_divide_factor(data_parallel_size(mesh))`, so FSDP's
-  reduce-scatter sums over the whole flattened mesh and divides by dp only.
+- with FSDP2: shard over `fsdp_mesh(mesh)` (dp_shard x pair x cp flattened), then call
+  `set_fsdp_gradient_reduction(model, mesh)`: FSDP's reduce-scatter then sums over the
+  flattened mesh and divides by the data-parallel size only (a plain sum and a division,
+  which gloo supports, instead of NCCL's pre-multiplied sum).
 """
 
 from __future__ import annotations
@@ -38,6 +39,7 @@ __all__ = [
     "pick_pair_sample",
     "reduce_gradients",
     "sample_group",
+    "set_fsdp_gradient_reduction",
     "shared_generator",
 ]
 
@@ -155,3 +157,15 @@ def reduce_gradients(parameters: Iterable[torch.nn.Parameter], mesh: DeviceMesh 
             dist.all_reduce(p.grad)
             if dp > 1:
                 p.grad.div_(dp)
+
+
+def set_fsdp_gradient_reduction(model: torch.nn.Module, mesh: DeviceMesh) -> None:
+    """For a model sharded with FSDP2 over `fsdp_mesh(mesh)`: sum gradients over pair and
+    cp, average over data parallelism (instead of FSDP's mean over the whole mesh)."""
+    from torch.distributed.fsdp import FSDPModule
+
+    factor = float(data_parallel_size(mesh))
+    for module in model.modules():
+        if isinstance(module, FSDPModule):
+            module.set_gradient_divide_factor(factor)
+            module.set_force_sum_reduction_for_comms(True)

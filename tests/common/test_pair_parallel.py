@@ -16,13 +16,13 @@ from common.context_parallel import build_cp_groups
 from common.cp_plans import apply_context_parallel
 from common.distributed import ParallelDims, build_mesh
 from common.pair_parallel import (
-    data_parallel_size,
     fsdp_mesh,
     gather_pair_errors,
     pair_group,
     pick_pair_sample,
     reduce_gradients,
     sample_group,
+    set_fsdp_gradient_reduction,
     shared_generator,
 )
 from tests.multiproc import run_on_ranks
@@ -45,7 +45,8 @@ class _SavedBytes:
     """Bytes of the distinct non-parameter storages autograd saves for backward."""
 
     def __init__(self, model):
-        self.params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+        local = (p.to_local() if hasattr(p, "to_local") else p for p in model.parameters())
+        self.params = {p.untyped_storage().data_ptr() for p in local}
         self.seen: dict[int, int] = {}
 
     def pack(self, t):
@@ -76,7 +77,7 @@ def _reg_dpo_step(rank, world_size, pair_size=1, cp=1, fsdp=False, frames=2, siz
         from common.fsdp import apply_fsdp
 
         apply_fsdp(policy, mesh=fsdp_mesh(mesh))
-        policy.set_gradient_divide_factor(data_parallel_size(mesh))
+        set_fsdp_gradient_reduction(policy, mesh)
 
     batch = 2  # pairs
     g = torch.Generator().manual_seed(5)
@@ -133,14 +134,24 @@ def one_process():
     return _reg_dpo_step(0, 1)
 
 
-@pytest.fixture(scope="module")
-def pair2():
-    return run_on_ranks(_reg_dpo_step, 2, 2)
+def _pair2_then_cp2(rank, world_size):
+    """Both two-rank layouts in one spawn (starting processes is the slow part here)."""
+    return _reg_dpo_step(rank, world_size, 2, 1), _reg_dpo_step(rank, world_size, 1, 2)
 
 
 @pytest.fixture(scope="module")
-def cp2():
-    return run_on_ranks(_reg_dpo_step, 2, 1, 2)
+def two_ranks():
+    return run_on_ranks(_pair2_then_cp2, 2)
+
+
+@pytest.fixture(scope="module")
+def pair2(two_ranks):
+    return [r[0] for r in two_ranks]
+
+
+@pytest.fixture(scope="module")
+def cp2(two_ranks):
+    return [r[1] for r in two_ranks]
 
 
 def test_pair2_equals_one_process(one_process, pair2):
