@@ -8,6 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 
 from videodpo.cli import main
@@ -117,38 +118,42 @@ def test_clean_manifests_pass(tmp_path, capsys):
     assert "1 pair rows checked, 1 good, 0 bad" in out
 
 
-def test_command_line_gives_one_line_not_a_traceback(tmp_path):
+def _broken_manifest(tmp_path: Path) -> Path:
     _dataset(tmp_path)
     manifest = _write_jsonl(
         tmp_path / "m.jsonl", [{"video": "notes.mp4", "caption": "x"}, {"nonsense": 1}]
     )
     with manifest.open("a") as fh:
         fh.write("{not json\n")
+    return manifest
+
+
+def _assert_named(out: str) -> None:
+    assert "row 1: field 'video' (notes.mp4)" in out
+    assert "row 2: field 'video': missing" in out
+    assert "row 3: field 'row': expected a JSON object" in out
+
+
+def test_unparsable_rows_and_missing_manifest(tmp_path, capsys):
+    manifest = _broken_manifest(tmp_path)
+    assert main(["check-data", "--manifest", str(manifest)]) == 1
+    _assert_named(capsys.readouterr().out)
+    # a manifest that does not exist: one line on stderr, exit 1
+    assert main(["check-data", "--manifest", str(tmp_path / "no.jsonl")]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("videodpo check-data: error:") and "no.jsonl" in err[-1]
+
+
+@pytest.mark.slow  # a fresh interpreter imports every sub-command: 10-30 s on a busy machine
+def test_console_entry_point_has_no_traceback(tmp_path):
+    manifest = _broken_manifest(tmp_path)
     run = subprocess.run(
         [sys.executable, "-m", "videodpo.cli", "check-data", "--manifest", str(manifest)],
         cwd=REPO,
         capture_output=True,
         text=True,
-        timeout=120,
+        timeout=300,
     )
     assert run.returncode == 1
     assert "Traceback" not in run.stdout + run.stderr
-    assert "row 1: field 'video' (notes.mp4)" in run.stdout
-    assert "row 2: field 'video': missing" in run.stdout
-    assert "row 3: field 'row': expected a JSON object" in run.stdout
-    missing = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "videodpo.cli",
-            "check-data",
-            "--manifest",
-            str(tmp_path / "no.jsonl"),
-        ],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
-    assert missing.returncode == 1 and "Traceback" not in missing.stderr
-    assert "no.jsonl" in missing.stderr and len(missing.stderr.strip().splitlines()) == 1
+    _assert_named(run.stdout)
