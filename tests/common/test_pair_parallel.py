@@ -1,5 +1,6 @@
 """Pair parallelism: a Reg-DPO-shaped step on tiny Wan with pair=2 (and pair=2 x cp=2 with
-FSDP2) equals pair=1 on one process in loss, gradients and parameters after one step;
+FSDP2 and activation checkpointing, 4 ranks) equals pair=1 on one process in loss,
+gradients and parameters after one SGD step;
 pair=2 and cp=2 each keep at most 0.6 of the one-process activation bytes per rank.
 
 The loss is written here from DESIGN.md section 2 (common never imports the tracks):
@@ -76,7 +77,7 @@ def _reg_dpo_step(rank, world_size, pair_size=1, cp=1, fsdp=False, frames=2, siz
     if fsdp:
         from common.fsdp import apply_fsdp
 
-        apply_fsdp(policy, mesh=fsdp_mesh(mesh))
+        apply_fsdp(policy, mesh=fsdp_mesh(mesh), ac_every=1)  # recompute re-runs the ring
         set_fsdp_gradient_reduction(policy, mesh)
 
     batch = 2  # pairs
