@@ -143,32 +143,33 @@ def _active_set_qp(K: np.ndarray, c: np.ndarray, simplex: bool) -> np.ndarray:
         a = np.zeros(n)
         free = np.zeros(n, dtype=bool)
     for _ in range(50 * (n + 1)):
+        step = _free_step(K, K @ a - c, free, simplex)
+        if np.abs(step).max(initial=0.0) > 1e-10 * max(1.0, np.abs(a).max(initial=0.0)):
+            shrinking = (step < 0) & free
+            alpha, blocking = 1.0, -1
+            if shrinking.any():
+                ratios = -a[shrinking] / step[shrinking]
+                j = int(np.argmin(ratios))
+                if ratios[j] < 1.0:
+                    alpha, blocking = float(ratios[j]), int(np.flatnonzero(shrinking)[j])
+            a = np.maximum(a + alpha * step, 0.0)
+            if blocking >= 0:  # a bound became active: solve again on the smaller free set
+                a[blocking] = 0.0
+                free[blocking] = False
+                if simplex:
+                    a = a / a.sum()
+                continue
+            if simplex:
+                a = a / a.sum()
+        # minimiser on the free set: check the multipliers of the bounds a_i >= 0
         grad = K @ a - c
-        step = _free_step(K, grad, free, simplex)
-        if np.abs(step).max(initial=0.0) <= 1e-13 * max(1.0, np.abs(a).max(initial=0.0)):
-            # stationary on the free set: check the multipliers of the bounds a_i >= 0
-            nu = -grad[free].mean() if (simplex and free.any()) else 0.0
-            lam = grad + nu
-            lam[free] = np.inf
-            worst = int(np.argmin(lam))
-            if lam[worst] >= -tol:
-                return _polish(K, c, a, free, simplex)
-            free[worst] = True
-            continue
-        shrinking = (step < 0) & free
-        alpha, blocking = 1.0, -1
-        if shrinking.any():
-            ratios = -a[shrinking] / step[shrinking]
-            idx = np.flatnonzero(shrinking)
-            j = int(np.argmin(ratios))
-            if ratios[j] < 1.0:
-                alpha, blocking = float(ratios[j]), int(idx[j])
-        a = a + alpha * step
-        if blocking >= 0:
-            a[blocking] = 0.0
-            free[blocking] = False
-        a[~free] = 0.0
-        a = np.maximum(a, 0.0)
+        nu = -grad[free].mean() if (simplex and free.any()) else 0.0
+        lam = grad + nu
+        lam[free] = np.inf
+        worst = int(np.argmin(lam))
+        if lam[worst] >= -tol:
+            return _polish(K, c, a, free, simplex)
+        free[worst] = True
     raise RuntimeError(f"active-set QP did not converge in {50 * (n + 1)} iterations (n = {n})")
 
 

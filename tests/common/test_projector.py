@@ -193,3 +193,20 @@ def test_float32_input_comes_back_float32():
     out = project(t.float(), G.float(), "hull")
     assert out.dtype == torch.float32
     torch.testing.assert_close(out.double(), project(t, G, "hull"), atol=1e-6, rtol=1e-6)
+
+
+def test_many_random_problems_converge_and_satisfy_kkt():
+    # a wide sweep of sizes, scales and near-duplicate rows; a Gram from a real training
+    # run once made an earlier version of the active-set loop stall on a 1e-13 step
+    rng = np.random.default_rng(7)
+    checks = {"hull": _kkt_hull, "cone": _kkt_cone, "halfspace": _kkt_halfspace}
+    for trial in range(150):
+        n, d = int(rng.integers(1, 17)), int(rng.integers(2, 40))
+        scale = 10.0 ** rng.uniform(-2, 2)
+        G = rng.standard_normal((n, d)) * scale
+        if trial % 3 == 0 and n > 1:
+            G[-1] = G[0] * (1 + 1e-9)  # near duplicate
+        t = (rng.standard_normal(d) - (trial % 2) * G.mean(0) / scale) * scale
+        for feasible, check in checks.items():
+            out = project(torch.from_numpy(t), torch.from_numpy(G), feasible).numpy()
+            check(t / scale, G / scale, out / scale)
