@@ -131,3 +131,14 @@ def test_bad_files_raise_data_error(tmp_path):
             load_clip(fake, reader=reader)
     with pytest.raises(DataError, match="fake.mp4"):
         verify_video(fake)
+
+
+def test_pyav_reads_only_what_it_needs(tmp_path):
+    clip = _random_clip(12, 32, 32, seed=3)
+    path = write_video(tmp_path / "a.mp4", clip)
+    frames, _ = read_frames(path, [9, 2, 2], reader="pyav")
+    ref, _ = read_frames(path, None, reader="pyav")
+    assert torch.equal(frames, ref[[9, 2, 2]])
+    with pytest.raises(DataError, match="needs frame 12 but has 12 frames"):
+        read_frames(path, [0, 12], reader="pyav")
+    assert probe_video(path, "pyav") == verify_video(path)

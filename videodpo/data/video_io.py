@@ -58,12 +58,39 @@ def _decord_reader(path: Path):
     return decord.VideoReader(str(path), ctx=decord.cpu(0), num_threads=1)
 
 
-def _pyav_decode_all(path: Path) -> tuple[np.ndarray, float]:
+def _pyav_read(path: Path, indices: Sequence[int] | None) -> tuple[np.ndarray, float]:
+    """Decode in order, keeping only the frames asked for and stopping after the last."""
     fps, _ = _pyav_stream_info(path)
-    frames = list(_pyav_frames(path))
-    if not frames:
-        raise DataError(f"{path}: no decodable frames")
-    return np.stack(frames), fps
+    if indices is None:
+        frames = list(_pyav_frames(path))
+        if not frames:
+            raise DataError(f"{path}: no decodable frames")
+        return np.stack(frames), fps
+    wanted, last, kept, count = set(indices), max(indices, default=-1), {}, 0
+    for i, frame in enumerate(_pyav_frames(path)):
+        count = i + 1
+        if i in wanted:
+            kept[i] = frame
+        if i >= last:
+            break
+    _check_indices(path, list(indices), count)
+    return np.stack([kept[i] for i in indices]), fps
+
+
+def _pyav_probe(path: Path) -> VideoInfo:
+    """From the container header when it says everything, else by decoding."""
+    import av
+
+    with av.open(str(path)) as container:
+        if not container.streams.video:
+            raise DataError(f"{path}: no video stream")
+        stream = container.streams.video[0]
+        fps = float(stream.average_rate or stream.guessed_rate or 0)
+        declared = int(stream.frames or 0)
+        height, width = stream.codec_context.height, stream.codec_context.width
+    if declared and height and width:
+        return VideoInfo(declared, fps, int(height), int(width))
+    return verify_video(path)
 
 
 def _pyav_stream_info(path: Path) -> tuple[float, int]:
@@ -120,7 +147,8 @@ def _with_reader(path: Path, reader: str, decord_fn, pyav_fn):
 
 
 def probe_video(path: str | Path, reader: str = "auto") -> VideoInfo:
-    """Frame count, fps and size of a video file (decodes it with PyAV)."""
+    """Frame count, fps and size of a video file, from its header where it has them
+    (use `verify_video` to decode every frame)."""
     path = Path(path)
 
     def with_decord() -> VideoInfo:
@@ -129,7 +157,7 @@ def probe_video(path: str | Path, reader: str = "auto") -> VideoInfo:
         return VideoInfo(len(vr), float(vr.get_avg_fps()), int(height), int(width))
 
     def with_pyav() -> VideoInfo:
-        return verify_video(path)
+        return _pyav_probe(path)
 
     return _with_reader(path, reader, with_decord, with_pyav)
 
@@ -170,10 +198,8 @@ def read_frames(
         return torch.from_numpy(vr.get_batch(idx).asnumpy()), float(vr.get_avg_fps())
 
     def with_pyav() -> tuple[torch.Tensor, float]:
-        frames, fps = _pyav_decode_all(path)
-        idx = list(range(len(frames))) if indices is None else list(indices)
-        _check_indices(path, idx, len(frames))
-        return torch.from_numpy(frames[idx]), fps
+        frames, fps = _pyav_read(path, indices)
+        return torch.from_numpy(frames), fps
 
     return _with_reader(path, reader, with_decord, with_pyav)
 
@@ -256,15 +282,13 @@ def load_clip(
 ) -> torch.Tensor:
     """A clip as float32 (3, F, H, W) in [-1, 1]: sampled, then resized and cropped
     when `height` and `width` are given."""
-    info = probe_video(path, reader) if fps is not None else None
-    frames, file_fps = read_frames(path, None, reader)
+    info = probe_video(path, reader)
     try:
-        idx = sample_frame_indices(
-            len(frames), num_frames, stride, info.fps if info else file_fps, fps
-        )
+        idx = sample_frame_indices(info.num_frames, num_frames, stride, info.fps, fps)
     except DataError as err:
         raise DataError(f"{path}: {err}") from None
-    clip = frames_to_clip(frames[idx])
+    frames, _ = read_frames(path, idx, reader)
+    clip = frames_to_clip(frames)
     if height is not None and width is not None:
         clip = resize_center_crop(clip, height, width)
     return clip
