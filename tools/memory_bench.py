@@ -98,6 +98,7 @@ class SearchConfig:
     budget_mb: float = 256.0
     latent_sizes: list[list[int]] = field(default_factory=lambda: [[32, 32]])  # latent (H, W)
     max_frames: int = 64
+    sweep: list[int] = field(default_factory=list)  # frame counts measured for every layout too
     layouts: list[str] = field(default_factory=list)  # names to run; empty = all
 
 
@@ -125,6 +126,7 @@ class BenchConfig:
     sft_weight: float = 1.0
     lr: float = 1e-4
     seed: int = 0
+    step: str = "auto"  # trainer | bench | auto (see `step_kind`)
     estimate: EstimateConfig = field(default_factory=EstimateConfig)
 
 
@@ -143,7 +145,7 @@ class Measurement:
     estimate_mb: float
     error: float  # (estimate - measured) / measured
     method: str  # cuda_max_allocated | cpu_vmhwm
-    step_kind: str  # trainer: videodpo.trainer's step; fallback: this tool's own
+    step_kind: str  # trainer: videodpo.trainer's step; bench: this tool's own
 
 
 # ---- one measurement, in fresh processes ----------------------------------------------
@@ -165,7 +167,15 @@ def _model_state_bytes(policy: Any, reference: Any, optimizer: Any) -> int:
     return _local_bytes(tensors)
 
 
-def trainer_supports(layout: Layout) -> str | None:
+def step_kind(cfg: BenchConfig, layout: Layout) -> str:
+    """`trainer` (videodpo.trainer's step) or `bench` (this tool's), as the config says;
+    `auto` takes the trainer where its modules are in the tree."""
+    if cfg.step == "auto":
+        return "trainer" if trainer_missing(layout) is None else "bench"
+    return cfg.step
+
+
+def trainer_missing(layout: Layout) -> str | None:
     """None if `videodpo.trainer` can run `layout` in this tree, else what is missing."""
     import importlib.util
 
@@ -203,27 +213,34 @@ def _trainer_step(cfg: BenchConfig, layout: Layout, h: int, w: int):
     return step, lambda: _model_state_bytes(state.policy, state.reference, state.optimizer)
 
 
-def _fallback_step(cfg: BenchConfig, layout: Layout, h: int, w: int):
-    """A Reg-DPO step (DESIGN.md section 2) for layouts the trainer cannot run yet:
-    FSDP over all ranks, activation checkpointing, and pair parallelism by an
-    autograd all-gather of the per-sample errors. No context parallelism."""
+def _bench_step(cfg: BenchConfig, layout: Layout, h: int, w: int):
+    """This tool's own Reg-DPO step (DESIGN.md section 2), for a tree whose trainer cannot
+    run the layout: context parallelism by `common.cp_plans`, activation checkpointing
+    and FSDP over all ranks by `common.fsdp`, pair parallelism by an autograd all-gather
+    of the per-sample errors."""
     import copy
 
     import torch
-    import torch.distributed as dist
     import torch.distributed.nn.functional as dist_fn
     from diffusers import WanTransformer3DModel
 
+    from common.distributed import ParallelDims, build_mesh
     from common.fsdp import apply_fsdp
     from videodpo.losses import DiffusionObjective, per_sample_error, reg_dpo_loss
 
-    if layout.cp > 1:
-        raise NotImplementedError("context parallelism needs videodpo.trainer with common.cp_plans")
-    pair_rank = dist.get_rank() if layout.pair == 2 else 0
-    pair_group = dist.group.WORLD if layout.pair == 2 else None
+    mesh = build_mesh(ParallelDims(cp=layout.cp, pair=layout.pair))
+    pair_rank = mesh["pair"].get_local_rank()
+    pair_group = mesh["pair"].get_group() if layout.pair == 2 else None
     torch.manual_seed(cfg.seed)
     policy = WanTransformer3DModel(**cfg.model.wan_kwargs())
     reference = copy.deepcopy(policy).requires_grad_(False).eval()
+    if layout.cp > 1:
+        from common.context_parallel import build_cp_groups
+        from common.cp_plans import apply_context_parallel
+
+        groups = build_cp_groups(mesh, ulysses=layout.cp if layout.cp_mode == "ulysses" else 1)
+        apply_context_parallel(policy, groups)
+        apply_context_parallel(reference, groups)
     apply_fsdp(policy, ac_every=1 if layout.ac else 0)
     apply_fsdp(reference)
     optimizer = torch.optim.AdamW(policy.parameters(), lr=cfg.lr)
@@ -250,18 +267,19 @@ def _fallback_step(cfg: BenchConfig, layout: Layout, h: int, w: int):
             e_ref = torch.cat(dist_fn.all_gather(e_ref, group=pair_group))
         loss, _ = reg_dpo_loss(e_policy[:1], e_policy[1:], e_ref[:1], e_ref[1:], beta=cfg.beta,
                                sft_weight=cfg.sft_weight)
-        loss.backward()
+        # cp ranks each hold their tokens' share of a gradient that FSDP then averages
+        (loss * layout.cp).backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 
     return step, lambda: _model_state_bytes(policy, reference, optimizer)
 
 
-def estimated_layout(layout: Layout, world_size: int) -> Layout:
+def estimated_layout(cfg: BenchConfig, layout: Layout) -> Layout:
     """`layout` as the step that will run it shards: the trainer over dp_shard only."""
-    if trainer_supports(layout) is None:
-        return replace(layout, fsdp_shards=world_size // layout.ranks_needed())
-    return replace(layout, fsdp_shards=world_size)
+    if step_kind(cfg, layout) == "trainer":
+        return replace(layout, fsdp_shards=cfg.world_size // layout.ranks_needed())
+    return replace(layout, fsdp_shards=cfg.world_size)
 
 
 def _measure_on_rank(cfg: BenchConfig, layout: Layout, frames: int, h: int, w: int) -> dict[str, Any]:
@@ -273,9 +291,8 @@ def _measure_on_rank(cfg: BenchConfig, layout: Layout, frames: int, h: int, w: i
 
     from common.metrics import current_memory_mb, peak_memory_mb, reset_peak_memory
 
-    step_kind = "trainer" if trainer_supports(layout) is None else "fallback"
-    build = _trainer_step if step_kind == "trainer" else _fallback_step
-    step, state_bytes = build(cfg, layout, h, w)
+    kind = step_kind(cfg, layout)
+    step, state_bytes = (_trainer_step if kind == "trainer" else _bench_step)(cfg, layout, h, w)
     step(1)  # warm-up: optimizer moments, lazily loaded kernels, allocator pools
     gc.collect()
     dist.barrier()
@@ -291,7 +308,7 @@ def _measure_on_rank(cfg: BenchConfig, layout: Layout, frames: int, h: int, w: i
     step_peak = peak_memory_mb() - baseline
     dist.barrier()
     return {"step_peak": step_peak * MB, "model_state": float(state_bytes()), "step_s": elapsed,
-            "step_kind": step_kind,
+            "step_kind": kind,
             "method": "cuda_max_allocated" if torch.cuda.is_available() else "cpu_vmhwm"}
 
 
@@ -356,7 +373,7 @@ def measure(cfg: BenchConfig, layout: Layout, frames: int, latent_hw: tuple[int,
         raise RuntimeError(f"layout {layout.name} at {frames} frames failed:\n" + "\n".join(errors))
     peaks = [(r["step_peak"] + r["model_state"]) / MB for r in ranks]
     dims = cfg.model.dims()
-    est = estimate_peak(dims, estimated_layout(layout, cfg.world_size), frames, latent_hw, cfg.world_size).peak / MB
+    est = estimate_peak(dims, estimated_layout(cfg, layout), frames, latent_hw, cfg.world_size).peak / MB
     peak = max(peaks)
     tokens = frames * (h // dims.patch_size[1]) * (w // dims.patch_size[2])
     return Measurement(
@@ -524,7 +541,7 @@ def plot_capacity(cfg: BenchConfig, measurements: list[Measurement], budget: flo
             ys = [p[1] for p in points if p[2] == hw]
             ax.plot(xs, ys, "o-", color=color, label=f"{layout.name} {hw[0]}x{hw[1]}")
             grid = list(range(1, max(xs) + 1))
-            est_layout = estimated_layout(layout, cfg.world_size)
+            est_layout = estimated_layout(cfg, layout)
             est = [estimate_peak(dims, est_layout, f, hw, cfg.world_size).peak / MB for f in grid]
             ax.plot(grid, est, ":", color=color, alpha=0.6)
     ax.axhline(budget, color="k", linestyle="--", label=f"budget {budget:.0f} MiB")
@@ -558,7 +575,7 @@ def run_bench(cfg: BenchConfig, search: SearchConfig, out: Path, budget: float,
                 capacities[key] = {"layout": asdict(layout), "latent": list(hw), "max_frames": None,
                                    "capped": False, "note": f"needs cp*pair | {cfg.world_size} ranks"}
                 continue
-            guess = max_frames_estimate(dims, estimated_layout(layout, cfg.world_size), hw, cfg.world_size,
+            guess = max_frames_estimate(dims, estimated_layout(cfg, layout), hw, cfg.world_size,
                                         budget * MB, limit=search.max_frames)
 
             def peak_at(frames: int, layout: Layout = layout, hw: tuple[int, int] = hw) -> float:
@@ -570,6 +587,8 @@ def run_bench(cfg: BenchConfig, search: SearchConfig, out: Path, budget: float,
                 return m.peak_mb
 
             try:
+                for frames in search.sweep:  # the curve below the budget, for the plot and the estimator
+                    peak_at(frames)
                 cap = find_capacity(peak_at, budget, max(guess, 1), search.max_frames)
             except NotImplementedError as err:  # a layout whose pieces are not in the tree yet
                 capacities[key] = {"layout": asdict(layout), "latent": list(hw), "max_frames": None,

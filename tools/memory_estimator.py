@@ -52,9 +52,15 @@ END_OF_FORWARD_LATENT = 2
 END_OF_FORWARD_HIDDEN = 3
 # With checkpointing the peak is in backward: the block inputs plus one block whose
 # forward has just been recomputed.
-# Extra per-token buffers of a context-parallel attention (all-to-all copies, or the
-# K/V blocks in flight round the ring), hidden-size units.
+# Context parallelism (common.cp_plans on Wan), per token of the rank's shard: one more
+# hidden-size vector kept per block, all-to-all or ring buffers in flight (hidden-size
+# units), the gathered prediction (a whole-video latent), and for the ring the fp32
+# score-sized matrices of one K/V block (scores, probabilities, their gradients), which
+# grow with the square of the shard length because that ring attends in plain math.
+CP_BLOCK_HIDDEN = 1
 CP_TRANSIENT_HIDDEN = 4
+CP_GATHERED_LATENT = 1
+RING_SCORE_MATRICES = 4
 # The frozen reference's forward under no_grad: a few live hidden-size vectors and the
 # FFN's intermediate at once.
 REFERENCE_HIDDEN = 6
@@ -215,21 +221,28 @@ def block_saved_bytes_per_token(dims: ModelDims, precision: Precision) -> float:
     )
 
 
+def outer_local_bytes_per_token(dims: ModelDims, precision: Precision) -> float:
+    """Kept per token of the rank's sequence shard outside the blocks: the head's hidden
+    states, the rotary tables and norm_out's statistics."""
+    return OUTER_HIDDEN * dims.hidden * precision.compute_bytes + 2 * dims.head_dim * FP32 + OUTER_STATS * FP32
+
+
+def outer_global_bytes_per_token(dims: ModelDims, precision: Precision) -> float:
+    """Kept per token of the whole video on every rank: the patch embedding's input (the
+    noisy latent; context parallelism splits the sequence after the embedding)."""
+    pt, ph, pw = dims.patch_size
+    return dims.in_channels * pt * ph * pw * precision.compute_bytes
+
+
 def outer_saved_bytes_per_token(dims: ModelDims, precision: Precision) -> float:
-    """Bytes kept per video token outside the blocks: embedding, head, rotary tables."""
-    pt, ph, pw = dims.patch_size
-    latent = dims.in_channels * pt * ph * pw
-    return (
-        OUTER_HIDDEN * dims.hidden * precision.compute_bytes
-        + 2 * dims.head_dim * FP32
-        + latent * precision.compute_bytes
-        + OUTER_STATS * FP32
-    )
+    """Bytes kept per video token outside the blocks, without context parallelism."""
+    return outer_local_bytes_per_token(dims, precision) + outer_global_bytes_per_token(dims, precision)
 
 
-def loss_bytes_per_token(dims: ModelDims) -> float:
+def latent_bytes_per_token(dims: ModelDims) -> float:
+    """One fp32 latent-space tensor (output channels x patch) per video token."""
     pt, ph, pw = dims.patch_size
-    return LOSS_LATENT * dims.out_channels * pt * ph * pw * FP32
+    return dims.out_channels * pt * ph * pw * FP32
 
 
 def context_saved_bytes(dims: ModelDims, precision: Precision) -> float:
@@ -297,21 +310,33 @@ def estimate_peak(
         fsdp_buffers = (root_params(dims) + 2 * block_params(dims)) * cb + block_params(dims) * FP32
 
     videos = layout.videos_per_rank
-    tokens = frames * tokens_per_frame(dims, *latent_hw) / layout.cp
+    tokens = frames * tokens_per_frame(dims, *latent_hw)  # of one video
+    local = tokens / layout.cp  # of one video on this rank
     block = block_saved_bytes_per_token(dims, precision)
-    outer = outer_saved_bytes_per_token(dims, precision) + loss_bytes_per_token(dims)
-    pt, ph, pw = dims.patch_size
-    latent = dims.out_channels * pt * ph * pw * FP32
-    cp_buffers = CP_TRANSIENT_HIDDEN * d * cb if layout.cp > 1 else 0
+    latent = latent_bytes_per_token(dims)
+    # Latent-space tensors are whole on every rank: the input before the split, the
+    # loss's tensors after `proj_out`'s gather (and the gathered prediction itself).
+    whole = outer_global_bytes_per_token(dims, precision) + LOSS_LATENT * latent
+    cp_buffers = 0.0
+    ring_scores = 0.0
+    if layout.cp > 1:
+        block += CP_BLOCK_HIDDEN * d * cb
+        whole += CP_GATHERED_LATENT * latent
+        cp_buffers = CP_TRANSIENT_HIDDEN * d * cb
+        if layout.cp_mode == "ring":
+            # one K/V block's scores, probabilities and their gradients at a time, fp32
+            ring_scores = videos * RING_SCORE_MATRICES * dims.num_heads * local**2 * FP32
+    outer_local = outer_local_bytes_per_token(dims, precision)
     context = videos * context_saved_bytes(dims, precision)
+    per_layer = d * cb if layout.ac else block
+    kept = videos * (local * (dims.num_layers * per_layer + outer_local) + tokens * whole) + context
     if layout.ac:
-        kept = videos * tokens * (dims.num_layers * d * cb + outer) + context
-        transient = videos * tokens * (block + cp_buffers)
+        transient = videos * local * (block + cp_buffers) + ring_scores
     else:
-        kept = videos * tokens * (dims.num_layers * block + outer) + context
-        transient = videos * tokens * (END_OF_FORWARD_LATENT * latent + END_OF_FORWARD_HIDDEN * d * cb + cp_buffers)
-    reference = videos * tokens * ((REFERENCE_HIDDEN * d + REFERENCE_FFN * dims.ffn_dim) * cb + outer)
-    transient = max(transient, reference - kept)
+        transient = (videos * (tokens * END_OF_FORWARD_LATENT * latent
+                               + local * (END_OF_FORWARD_HIDDEN * d * cb + cp_buffers)) + ring_scores)
+    reference = videos * local * (REFERENCE_HIDDEN * d + REFERENCE_FFN * dims.ffn_dim) * cb
+    transient = max(transient, reference + ring_scores - kept)
     return Estimate(model_state, fsdp_buffers, kept, transient)
 
 
