@@ -13,7 +13,7 @@ import torch
 import yaml
 
 from tests.multiproc import run_on_ranks
-from tests.videodpo.tiny_models import build_tiny_wan_pipeline
+from tests.videodpo.tiny_models import build_tiny_cogvideox_pipeline, build_tiny_wan_pipeline
 from videodpo.cli import main
 from videodpo.data import build_pairs
 from videodpo.data.build_pairs import BuildPairsConfig, build_gt_pairs, load_pipeline
@@ -142,6 +142,20 @@ def test_i2v_with_resizing_and_a_failed_row(models, clips, tmp_path, capsys):
     assert not check_manifest(out / "pairs.jsonl").problems
     saved = yaml.safe_load((out / "config.yaml").read_text())
     assert saved["num_frames"] == 5 and saved["height"] == 16
+
+
+@pytest.mark.parametrize("task", ["t2v", "i2v"])
+def test_cogvideox_pipelines(clips, tmp_path, task):
+    model = build_tiny_cogvideox_pipeline(tmp_path / "cog", task)
+    cfg = _cfg(clips, model, tmp_path / "out", limit=2)
+    summary = build_gt_pairs(cfg)
+    assert (summary.generated, summary.failed) == (2, 0)
+    pairs = read_manifest(tmp_path / "out" / "pairs.jsonl")
+    src = read_manifest(clips)[1]
+    first = load_clip(src["video"])[:, 0] if task == "i2v" else None
+    ref = _direct(model, src["caption"], 10 + 2, (9, 32, 32), image=first)
+    assert pairs[1]["meta"]["task"] == task
+    assert (load_clip(pairs[1]["rejected"]) - ref).abs().max() <= TOL
 
 
 def test_bad_shape_is_a_failed_row_not_a_crash(models, clips, tmp_path):

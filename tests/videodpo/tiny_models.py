@@ -6,6 +6,8 @@ word-level tokenizer trained in place, and for I2V a two-layer CLIP vision encod
 `build_tiny_wan_pipeline(out_dir, task)` saves with `save_pretrained`, so code under
 test loads it back with `from_pretrained(out_dir)` like a real checkpoint. Frame counts
 must be 4k + 1 and sizes multiples of 16 (VAE 8x, patch 2x).
+`build_tiny_cogvideox_pipeline(out_dir, task)` does the same for CogVideoX (T5 text of
+exactly 16 tokens: pass `max_sequence_length=16`; 32x32 clips of 9 frames).
 """
 
 from __future__ import annotations
@@ -103,6 +105,54 @@ def build_tiny_wan_pipeline(out_dir: str | Path, task: str = "t2v", seed: int = 
         )
     else:
         raise ValueError(f"task must be t2v or i2v, got {task!r}")
+    out_dir = Path(out_dir)
+    pipe.save_pretrained(out_dir)
+    return out_dir
+
+
+def build_tiny_cogvideox_pipeline(out_dir: str | Path, task: str = "t2v", seed: int = 0) -> Path:
+    """Save a random tiny `CogVideoXPipeline` or `CogVideoXImageToVideoPipeline`."""
+    from diffusers import (
+        AutoencoderKLCogVideoX,
+        CogVideoXDDIMScheduler,
+        CogVideoXImageToVideoPipeline,
+        CogVideoXPipeline,
+        CogVideoXTransformer3DModel,
+    )
+    from transformers import T5Config, T5EncoderModel
+
+    if task not in ("t2v", "i2v"):
+        raise ValueError(f"task must be t2v or i2v, got {task!r}")
+    torch.manual_seed(seed)
+    tokenizer = tiny_tokenizer()
+    text_encoder = T5EncoderModel(
+        T5Config(
+            vocab_size=len(tokenizer), d_model=TEXT_DIM, d_kv=8, d_ff=64, num_layers=1,
+            num_heads=2, relative_attention_num_buckets=8, dropout_rate=0.0,
+        )
+    ).eval()  # fmt: skip
+    vae = AutoencoderKLCogVideoX(
+        down_block_types=("CogVideoXDownBlock3D",) * 4, up_block_types=("CogVideoXUpBlock3D",) * 4,
+        block_out_channels=(8, 8, 8, 8), latent_channels=4, layers_per_block=1,
+        norm_num_groups=2, temporal_compression_ratio=4,
+    ).eval()  # fmt: skip
+    i2v = task == "i2v"
+    transformer = CogVideoXTransformer3DModel(
+        num_attention_heads=2, attention_head_dim=16, in_channels=8 if i2v else 4,
+        out_channels=4, time_embed_dim=32, text_embed_dim=TEXT_DIM, num_layers=2,
+        sample_width=4, sample_height=4, sample_frames=9, patch_size=2,
+        temporal_compression_ratio=4, max_text_seq_length=16,
+        use_rotary_positional_embeddings=i2v, use_learned_positional_embeddings=i2v,
+    ).eval()  # fmt: skip
+    scheduler = CogVideoXDDIMScheduler(timestep_spacing="trailing", prediction_type="v_prediction")
+    cls = CogVideoXImageToVideoPipeline if i2v else CogVideoXPipeline
+    pipe = cls(
+        tokenizer=tokenizer,
+        text_encoder=text_encoder,
+        vae=vae,
+        transformer=transformer,
+        scheduler=scheduler,
+    )
     out_dir = Path(out_dir)
     pipe.save_pretrained(out_dir)
     return out_dir
