@@ -31,11 +31,13 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch.distributed import ProcessGroup
+from torch.distributed.device_mesh import DeviceMesh
 
 from common.attention import attention
 
 __all__ = [
     "CPGroups",
+    "all_gather_sum_grad",
     "build_cp_groups",
     "context_parallel_attention",
     "gather_sequence",
@@ -465,19 +467,24 @@ class CPGroups:
 
     @property
     def size(self) -> int:
-        return _size_rank(self.cp)[0]
+        return 1 if self.cp is None else _size_rank(self.cp)[0]
 
     @property
     def rank(self) -> int:
-        return _size_rank(self.cp)[1]
+        return 0 if self.cp is None else _size_rank(self.cp)[1]
 
 
-def build_cp_groups(mesh, ulysses: int | None = None, dim: str = "cp") -> CPGroups:
+def build_cp_groups(
+    mesh: DeviceMesh | None, ulysses: int | None = None, dim: str = "cp"
+) -> CPGroups:
     """Split the `dim` axis of `mesh` into Ulysses (inner) x ring (outer) groups.
 
     `ulysses=None` (or equal to the cp size) is pure Ulysses; `ulysses=1` is pure ring.
-    Must be called on every rank of the world (it creates process groups).
+    Must be called on every rank of the world (it creates process groups). Without a
+    mesh (one process) there is no cp group.
     """
+    if mesh is None:
+        return CPGroups(cp=None)
     cp_mesh = mesh[dim]
     cp_size = cp_mesh.size()
     ulysses = cp_size if ulysses is None else ulysses

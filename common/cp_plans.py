@@ -97,11 +97,15 @@ def apply_context_parallel(model: nn.Module, groups: CPGroups) -> CPHandle:
 def _split_local(x: torch.Tensor, dim: int, state: _CPState) -> torch.Tensor:
     # plain slicing: its backward leaves zeros outside the chunk, so the layers before
     # the split also get only this rank's share (summed over cp like every other grad)
+    if state.groups.size == 1:  # (a None group would mean the whole world to torch)
+        return x
     return split_sequence(x, dim, state.groups.cp, grad="local")
 
 
 def _gather_output_hook(state: _CPState):
     def hook(module, args, output):
+        if state.groups.size == 1:
+            return output
         return gather_sequence(output, 1, state.groups.cp, seq_len=state.seq_len)
 
     return hook
@@ -256,8 +260,10 @@ class CogVideoXContextParallelProcessor:
         positions = torch.arange(local_len, device=joint.device) + groups.rank * local_len
         valid = positions < seq_len if seq_len is not None else None
         out_tv, lse_tv = _attention_lse(q_text, k_video, v_video, valid)
-        out_tv = all_gather_sum_grad(out_tv.unsqueeze(0), 0, groups.cp)
-        lse_tv = all_gather_sum_grad(lse_tv.unsqueeze(0), 0, groups.cp)
+        out_tv, lse_tv = out_tv.unsqueeze(0), lse_tv.unsqueeze(0)
+        if groups.size > 1:
+            out_tv = all_gather_sum_grad(out_tv, 0, groups.cp)
+            lse_tv = all_gather_sum_grad(lse_tv, 0, groups.cp)
         parts = [_attention_lse(q_text, k_text, v_text)]
         parts += [(out_tv[r], lse_tv[r]) for r in range(out_tv.shape[0])]
         out_text = _merge(parts)
@@ -368,15 +374,16 @@ def shard_causal_lm_inputs(
     and returned as `shift_labels` for the local chunk, padding and the last token marked
     -100, so that the chunk boundaries lose no target.
     """
-    group = groups.cp
+
+    def split(x: torch.Tensor) -> torch.Tensor:
+        return x if groups.size == 1 else split_sequence(x, 1, groups.cp, grad="local")
+
     positions = torch.arange(input_ids.shape[1], device=input_ids.device)
-    positions = positions.unsqueeze(0).expand_as(input_ids)
     out = {
-        "input_ids": split_sequence(input_ids, 1, group, grad="local"),
-        "position_ids": split_sequence(positions, 1, group, grad="local"),
+        "input_ids": split(input_ids),
+        "position_ids": split(positions.unsqueeze(0).expand_as(input_ids)),
     }
     if labels is not None:
         shifted = torch.cat([labels[:, 1:], torch.full_like(labels[:, :1], -100)], dim=1)
-        local = split_sequence(shifted + 100, 1, group, grad="local") - 100  # pad -> -100
-        out["shift_labels"] = local
+        out["shift_labels"] = split(shifted + 100) - 100  # padding becomes -100
     return out

@@ -109,7 +109,7 @@ def _flatten(mesh: DeviceMesh, dims: tuple[str, ...]) -> DeviceMesh:
         return mesh[dims[0]]
     try:
         return mesh[name]  # flattened before
-    except KeyError:
+    except (KeyError, RuntimeError, ValueError):
         return mesh[dims]._flatten(name)
 
 

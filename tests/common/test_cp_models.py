@@ -204,3 +204,17 @@ def test_remove_restores_the_model():
     assert torch.allclose(with_cp, before, atol=1e-6)
     assert torch.equal(after, before)
     assert type(model.blocks[0].attn1.processor).__name__ == "WanAttnProcessor"
+
+
+def test_size_one_group_leaves_cogvideox_and_qwen3_unchanged():
+    model, inputs = _cogvideox(), _cogvideox_inputs()
+    before = model(**inputs, return_dict=False)[0]
+    apply_context_parallel(model, CPGroups(cp=None))
+    assert torch.allclose(model(**inputs, return_dict=False)[0], before, atol=1e-6)
+    lm, ids = _qwen3(), _lm_ids(7)
+    before = lm(input_ids=ids).logits
+    apply_context_parallel(lm, CPGroups(cp=None))
+    shard = shard_causal_lm_inputs(ids, CPGroups(cp=None), labels=ids)
+    assert torch.equal(shard["shift_labels"][:, :-1], ids[:, 1:])
+    after = lm(input_ids=shard["input_ids"], position_ids=shard["position_ids"]).logits
+    assert torch.allclose(after, before, atol=1e-5)
