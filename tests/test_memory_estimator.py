@@ -24,6 +24,7 @@ from tools.memory_estimator import (
     Precision,
     block_params,
     block_saved_bytes_per_token,
+    context_saved_bytes,
     estimate_peak,
     latent_size,
     max_frames_estimate,
@@ -129,7 +130,9 @@ def test_estimate_parts_follow_the_layout():
     half = estimate_peak(dims, Layout("fsdp"), 4, hw, world_size=2)
     # one video per rank keeps what half the frames keep; half of each video's tokens
     # keeps a little more (whole-video latents on every rank, one more vector per block)
-    assert pair.activations == pytest.approx(half.activations, rel=1e-9)
+    # (and the text context of one video instead of two)
+    one_context = context_saved_bytes(dims, Precision())
+    assert pair.activations == pytest.approx(half.activations - one_context, rel=1e-9)
     assert half.activations < cp.activations < 0.6 * base.activations
     ring = estimate_peak(dims, Layout("ring", cp=2, cp_mode="ring"), 8, hw, world_size=2)
     local = 8 * tokens_per_frame(dims, *hw) / 2
