@@ -22,6 +22,7 @@ import torch
 from common.config import add_config_args, config_from_args, save_config
 from common.distributed import barrier, init_distributed, is_main_process
 from common.errors import ConfigError, DataError
+from common.metrics import progress
 from videodpo.data.manifest import (
     ManifestRow,
     append_manifest_row,
@@ -213,8 +214,6 @@ def merge_journals(out_dir: Path) -> Path:
 
 def build_gt_pairs(cfg: BuildPairsConfig) -> BuildSummary:
     """Build (or finish) the pair manifest; returns the summary over all ranks."""
-    from tqdm import tqdm
-
     if not cfg.manifest or not cfg.model:
         raise ConfigError("build-pairs needs config keys 'manifest' and 'model'")
     if (cfg.height is None) != (cfg.width is None):
@@ -234,7 +233,7 @@ def build_gt_pairs(cfg: BuildPairsConfig) -> BuildSummary:
     pipe.to(dist_info.device)
     journal = journal_dir / f"rank{rank}.jsonl"
     summary = BuildSummary()
-    for row in tqdm(mine, desc="build-pairs", disable=rank != 0):
+    for row in progress(mine, desc="build-pairs"):
         if row.index in done:
             summary.skipped += 1
             continue

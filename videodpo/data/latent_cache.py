@@ -27,6 +27,7 @@ from safetensors.torch import save_file
 from common.config import add_config_args, config_from_args, save_config
 from common.distributed import barrier, init_distributed, is_main_process
 from common.errors import ConfigError, DataError
+from common.metrics import progress
 from videodpo.data.manifest import ManifestRow, read_manifest_rows, resolve_path
 from videodpo.data.video_io import load_clip, load_image
 
@@ -224,8 +225,6 @@ def _claim_producer(out_dir: Path, producer: dict, settings: dict) -> None:
 
 def precompute(cfg: PrecomputeConfig) -> dict[str, int]:
     """Encode the pair manifest into `cfg.out_dir`; returns counts over all ranks."""
-    from tqdm import tqdm
-
     from videodpo.models import load_adapter
 
     if not cfg.manifest or not cfg.model:
@@ -268,7 +267,7 @@ def precompute(cfg: PrecomputeConfig) -> dict[str, int]:
             _write_shard(out_dir, f"shard-r{rank}-{shard_id:05d}", tensors, entries)
             shard_id, tensors, entries = shard_id + 1, {}, []
 
-    for row in tqdm(todo, desc="precompute", disable=rank != 0):
+    for row in progress(todo, desc="precompute"):
         try:
             encoded = encode_pair(adapter, row, manifest.parent, cfg)
         except (DataError, ValueError, RuntimeError) as err:
