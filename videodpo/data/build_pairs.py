@@ -146,8 +146,9 @@ def _done_rows(journal_dir: Path) -> set[int]:
     done: set[int] = set()
     for part in sorted(journal_dir.glob("rank*.jsonl")):
         for row in read_manifest_rows(part, strict=False):
-            if row.error is None:  # a line cut by a crash is simply redone
-                done.add(int(row.data["meta"]["source_row"]))
+            source_row = (row.data.get("meta") or {}).get("source_row")
+            if source_row is not None:  # a line cut by a crash is simply redone
+                done.add(int(source_row))
     return done
 
 
@@ -183,6 +184,10 @@ def build_pair(
     image = _condition_image(row, root, clip) if task == "i2v" else None
     seed = cfg.seed + row.index
     generated = generate_clip(pipe, task, caption, image, tuple(clip.shape[1:]), seed, cfg)
+    if generated.shape != clip.shape:
+        raise DataError(
+            f"the pipeline returned {tuple(generated.shape)}, expected {tuple(clip.shape)}"
+        )
     rejected = write_video(out_dir / "generated" / name, generated, fps=fps)
     pair = {
         "chosen": str(chosen),
