@@ -542,7 +542,7 @@ def context_parallel_attention(
     seq_len: int | None = None,
     scale: float | None = None,
     return_lse: bool = False,
-):
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Attention over sequence shards with the layout of `groups` (Ulysses, ring or both).
 
     Returns the local output chunk, or `(out, lse)` with `return_lse=True` (lse `(B, H,
