@@ -163,3 +163,26 @@ def test_damaged_shard_rows_are_skipped_and_counted(models, pairs, tmp_path):
     strict = CachedPairDataset(tmp_path / "cache", max_bad_fraction=0.0)
     with pytest.raises(DataError, match="1 of 3 rows are bad"):
         strict[1]
+
+
+def _precompute_on_rank(rank: int, world_size: int, cfg: PrecomputeConfig) -> dict:
+    return precompute(cfg)
+
+
+@pytest.mark.slow  # two spawned processes importing diffusers: about a minute on 2 cores
+def test_precompute_split_over_data_parallel_ranks(models, pairs, tmp_path):
+    from tests.multiproc import run_on_ranks
+
+    cfg = _cfg(pairs, models["t2v"], tmp_path / "dp")
+    results = run_on_ranks(_precompute_on_rank, 2, cfg)
+    assert results == [{"encoded": 3, "skipped": 0, "failed": 0}] * 2
+    assert sorted(p.name for p in (tmp_path / "dp").glob("shard-*.json")) == [
+        "shard-r0-00000.json",
+        "shard-r1-00000.json",
+    ]
+    precompute(replace(cfg, out_dir=str(tmp_path / "one")))
+    dp, one = LatentCache(tmp_path / "dp"), LatentCache(tmp_path / "one")
+    assert [e["row"] for e in dp.entries] == [1, 2, 3]
+    for i in range(3):
+        for key in ("chosen", "rejected", "text"):
+            assert torch.equal(dp[i][key], one[i][key])
