@@ -47,6 +47,12 @@ def default_reader() -> str:
     return "decord"
 
 
+@functools.lru_cache(maxsize=4096)
+def _log_fallback(path: str, reason: str) -> None:
+    """Say once per file that decord failed and PyAV reads it instead."""
+    logger.info("decord cannot read %s (%s); reading it with PyAV", path, reason)
+
+
 def _check_exists(path: Path) -> None:
     if not path.is_file():
         raise DataError(f"{path}: file not found")
@@ -137,7 +143,7 @@ def _with_reader(path: Path, reader: str, decord_fn, pyav_fn):
         except Exception as err:  # noqa: BLE001 - decord raises bare errors for bad files
             if reader == "decord":
                 raise DataError(f"{path}: cannot decode video with decord: {_short(err)}") from err
-            logger.info("decord cannot read %s (%s); retrying with PyAV", path, _short(err))
+            _log_fallback(str(path), _short(err))
     try:
         return pyav_fn()
     except DataError:
