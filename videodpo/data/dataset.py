@@ -157,7 +157,7 @@ class CachedPairDataset(_SkippingDataset):
     def __init__(
         self,
         cache_dir: str | Path,
-        expect_model: str | Path | dict | None = None,
+        expect_model: str | Path | None = None,
         max_bad_fraction: float = 0.05,
     ) -> None:
         from videodpo.data.latent_cache import LatentCache
