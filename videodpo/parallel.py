@@ -32,6 +32,8 @@ class ParallelLayout:
     pair_size: int = 1
     cp_size: int = 1
     mesh: Any = None
+    fsdp: bool = False  # set by parallelize: gradients are reduced by FSDP
+    grad_scale: float = 1.0  # loss multiplier for backward (see parallelize)
 
     @property
     def is_main(self) -> bool:
@@ -53,30 +55,41 @@ class ParallelLayout:
             ulysses = self.cp_size if cfg.cp_mode == "ulysses" else 1
             apply_context_parallel(model, build_cp_groups(self.mesh, ulysses=ulysses))
         ac_every = cfg.activation_checkpointing if trainable else 0
-        if self.world_size > 1 and cfg.fsdp and self.mesh["dp_shard"].size() > 1:
-            apply_fsdp(model, mesh=self.mesh["dp_shard"], param_dtype=cfg.param_dtype or None,
+        if self.sharded(cfg):
+            from common.pair_parallel import data_parallel_size, fsdp_mesh
+
+            # The pair and cp ranks each hold a share of one sample's gradient: FSDP
+            # averages over dp_shard x pair x cp, so the loss is scaled by pair x cp
+            # (`grad_scale`) to make that a sum over shares and a mean over data ranks.
+            # (A gradient divide factor would do the same, but gloo has no PREMUL_SUM.)
+            apply_fsdp(model, mesh=fsdp_mesh(self.mesh), param_dtype=cfg.param_dtype or None,
                        cpu_offload=cfg.reference_cpu_offload and not trainable, ac_every=ac_every)
-        elif ac_every:
-            apply_activation_checkpointing(model, ac_every)
-        if self.world_size > 1 and trainable and not (cfg.fsdp and self.mesh["dp_shard"].size() > 1):
-            # Without FSDP every rank holds the whole model: start from rank 0's weights.
-            for tensor in model.state_dict().values():
-                dist.broadcast(tensor, src=0)
+            self.grad_scale = float(fsdp_mesh(self.mesh).size() // data_parallel_size(self.mesh))
+        else:
+            if ac_every:
+                apply_activation_checkpointing(model, ac_every)
+            if self.world_size > 1:  # every rank holds the whole model: start from rank 0's
+                for tensor in model.state_dict().values():
+                    dist.broadcast(tensor, src=0)
+        self.fsdp = self.sharded(cfg)
         return model
+
+    def sharded(self, cfg: ParallelConfig) -> bool:
+        return self.world_size > 1 and cfg.fsdp
 
     def gather_pair(self, errors: torch.Tensor) -> torch.Tensor:
         """This rank's per-sample errors -> [preferred; rejected] from both pair ranks."""
-        from common.pair_parallel import gather_pair_errors
+        from common.pair_parallel import gather_pair_errors, pair_group
 
-        return gather_pair_errors(errors, self.group("pair"))
+        return torch.cat(gather_pair_errors(errors, pair_group(self.mesh)))
 
     def reduce_gradients(self, model: nn.Module) -> None:
-        """Sum gradient shares over pair and cp ranks; average over unsharded data ranks."""
-        if self.world_size == 1:
+        """Without FSDP: sum gradient shares over pair and cp, average over data ranks."""
+        if self.world_size == 1 or self.fsdp:
             return
         from common.pair_parallel import reduce_gradients
 
-        reduce_gradients(model, self.mesh)
+        reduce_gradients(model.parameters(), self.mesh)
 
     def all_ranks_agree(self, flag: bool) -> bool:
         if self.world_size == 1:

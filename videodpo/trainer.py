@@ -63,7 +63,7 @@ def collate_pairs(adapter: VideoModelAdapter, items: list[dict]) -> PairBatch:
     (or cached `text`), and for I2V a `first_frame` (or cached `image_latents`)."""
     chosen = torch.stack([it["chosen"] for it in items])
     rejected = torch.stack([it["rejected"] for it in items])
-    if not items[0].get("latent", False):
+    if "text" not in items[0] and not items[0].get("latent", False):  # raw clips, not cached latents
         num_frames = chosen.shape[2]
         first = torch.stack([it.get("first_frame", it["chosen"][:, 0]) for it in items])
         chosen, rejected = adapter.encode_video(chosen), adapter.encode_video(rejected)
@@ -134,6 +134,12 @@ class PairLoader:
         self.dataset, self.adapter, self.batch_size, self.sampler = dataset, adapter, batch_size, sampler
         self.max_bad_fraction = max_bad_fraction
         self.skipped, self.seen = 0, 0
+
+    @property
+    def skipped_rows(self) -> int:
+        """Rows this loader skipped plus those the dataset skipped itself."""
+        bad = getattr(self.dataset, "bad", None)
+        return self.skipped + (bad.count if bad is not None else 0)
 
     def next_batch(self) -> PairBatch:
         from common.errors import DataError
@@ -334,7 +340,7 @@ def training_step(state: TrainingState, batches: list[PairBatch]) -> dict[str, f
         loss, metrics = reg_dpo_loss(pw, pl, rw, rl, beta=cfg.loss.beta, sft_weight=sft_w, dpo_weight=dpo_w)
         finite = finite and math.isfinite(metrics["loss"])
         if finite:
-            (loss / len(batches)).backward()
+            (loss * (state.layout.grad_scale / len(batches))).backward()
         for k, v in metrics.items():
             sums[k] = sums.get(k, 0.0) + v / len(batches)
     state.layout.reduce_gradients(state.policy)
@@ -390,16 +396,16 @@ class TrainResult:
 
 def open_training_data(cfg: RunConfig, adapter: VideoModelAdapter) -> Any:
     """The map-style pair dataset named by `data.latent_cache` or `data.manifest`."""
-    if cfg.data.latent_cache:
-        from videodpo.data.latent_cache import LatentPairDataset
+    from videodpo.data.dataset import CachedPairDataset, PairDataset
 
-        return LatentPairDataset(cfg.data.latent_cache)
+    bad = cfg.data.max_bad_row_fraction
+    if cfg.data.latent_cache:
+        return CachedPairDataset(cfg.data.latent_cache, expect_model=cfg.model.path or None, max_bad_fraction=bad)
     if not cfg.data.manifest:
         raise ConfigError("data.manifest or data.latent_cache: set one to the training pairs")
-    from videodpo.data.dataset import PairDataset
-
     return PairDataset(cfg.data.manifest, num_frames=cfg.data.num_frames or None,
-                       height=cfg.data.height or None, width=cfg.data.width or None)
+                       height=cfg.data.height or None, width=cfg.data.width or None,
+                       with_first_frame=adapter.task == "i2v", max_bad_fraction=bad)
 
 
 def export_model(state: TrainingState, out_dir: Path) -> Path:
@@ -466,7 +472,7 @@ def train(
     while state.step < cfg.train.steps:
         batches = [loader.next_batch() for _ in range(cfg.train.grad_accum)]
         metrics = training_step(state, batches)
-        metrics["skipped_rows"] = float(loader.skipped)
+        metrics["skipped_rows"] = float(loader.skipped_rows)
         if state.step % cfg.train.log_every == 0 or state.step == cfg.train.steps:
             metrics_log.log(state.step, metrics)
         state.history.append({"step": state.step, **metrics})
@@ -481,12 +487,12 @@ def train(
         if stop_after is not None and state.step >= stop_after:
             bar.close()
             metrics_log.close()
-            return TrainResult(out_dir, state.step, state.history, None, loader.skipped, state.nonfinite)
+            return TrainResult(out_dir, state.step, state.history, None, loader.skipped_rows, state.nonfinite)
     bar.close()
     export_dir = export_model(state, out_dir / ("final_lora" if state.lora else "final"))
     metrics_log.close()
     layout.barrier()
-    return TrainResult(out_dir, state.step, state.history, export_dir, loader.skipped, state.nonfinite)
+    return TrainResult(out_dir, state.step, state.history, export_dir, loader.skipped_rows, state.nonfinite)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
