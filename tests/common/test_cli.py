@@ -1,0 +1,44 @@
+import sys
+
+import pytest
+
+from common.cli import run_cli
+
+
+@pytest.fixture
+def fake_commands(tmp_path, monkeypatch):
+    pkg = tmp_path / "fakecli"
+    pkg.mkdir()
+    (pkg / "__init__.py").write_text("")
+    (pkg / "good.py").write_text(
+        'HELP = "does a good thing"\n'
+        "def add_arguments(p):\n    p.add_argument('--n', type=int, default=1)\n"
+        "def run(args):\n    return args.n\n"
+    )
+    (pkg / "bad.py").write_text(
+        'HELP = "fails on input"\nimport sys\nsys.modules["fakecli"].imported_bad = True\n'
+        "from common.errors import DataError\n"
+        "def add_arguments(p):\n    pass\n"
+        "def run(args):\n    raise DataError('rows.jsonl: row 3: field caption is empty')\n"
+    )
+    monkeypatch.syspath_prepend(str(tmp_path))
+    yield {"good": "fakecli.good", "bad": "fakecli.bad", "later": "fakecli.not_written_yet"}
+    for name in [m for m in sys.modules if m.startswith("fakecli")]:
+        del sys.modules[name]
+
+
+def test_help_lists_existing_commands_without_importing_them(fake_commands, capsys):
+    assert run_cli("prog", fake_commands, []) == 0
+    out = capsys.readouterr().out
+    assert "does a good thing" in out and "fails on input" in out and "later" not in out
+    assert not getattr(sys.modules["fakecli"], "imported_bad", False)
+
+
+def test_runs_the_chosen_command(fake_commands):
+    assert run_cli("prog", fake_commands, ["good", "--n", "7"]) == 7
+
+
+def test_user_error_is_one_line_and_exit_1(fake_commands, capsys):
+    assert run_cli("prog", fake_commands, ["bad"]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == ["prog bad: error: rows.jsonl: row 3: field caption is empty"]
