@@ -20,7 +20,7 @@ from typing import Any
 import torch
 
 from common.checkpoint import Checkpointer
-from common.metrics import MetricsLogger
+from common.metrics import MetricsLogger, progress
 from llmpost.config import DapoConfig
 from llmpost.dapo import (
     SampledGroup,
@@ -33,7 +33,7 @@ from llmpost.dapo import (
 from llmpost.data import TaskRecord, encode_prompt, mix
 from llmpost.policy import any_rank, global_sum, rank_and_world
 from llmpost.rewards import RewardRegistry
-from llmpost.rollout import HFRollout, pack_right_padded, token_logprobs
+from llmpost.rollout import HFRollout, build_rollout, pack_right_padded, token_logprobs
 
 logger = logging.getLogger(__name__)
 
@@ -160,8 +160,14 @@ def train_dapo(
     chat_kwargs: dict | None = None,
     stop_after: int | None = None,
     on_step: Callable[[int, dict], None] | None = None,
+    model_path: str | Path | None = None,
 ) -> dict[str, float]:
-    """Run DAPO for `cfg.steps` steps, resuming from `stage_dir/checkpoints` if present."""
+    """Run DAPO for `cfg.steps` steps, resuming from `stage_dir/checkpoints` if present.
+
+    With `generation.backend: vllm` (GPU only) responses come from a vLLM engine started
+    from `model_path` and refreshed with the policy's weights every step; old log-probs
+    are always recomputed by the policy itself, so the ratio starts at exactly 1.
+    """
     stage_dir = Path(stage_dir)
     rank, world = rank_and_world()
     # Sampling RNG from the stage's seed (a resumed run gets it back from the checkpoint).
@@ -170,15 +176,20 @@ def train_dapo(
     checkpointer = Checkpointer(stage_dir / "checkpoints")
     start = checkpointer.load(model=model, optimizer=optimizer) or 0
     metrics_log = MetricsLogger(stage_dir, enabled=rank == 0)
-    rollout = HFRollout(model, tokenizer, cfg.generation)
+    scorer = HFRollout(model, tokenizer, cfg.generation)
+    rollout = build_rollout(model, tokenizer, cfg.generation,
+                            str(model_path) if model_path else None)
     groups_per_rank = max(1, cfg.prompts_per_step // world)
     prompt_cache: dict[str, list[int]] = {}
     last: dict[str, float] = {}
     if start:
         logger.info("DAPO: resuming at step %d of %d", start, cfg.steps)
 
+    bar = progress(total=cfg.steps, initial=start, desc=f"DAPO {stage_dir.name}")
     for step in range(start, cfg.steps):
         t0 = time.perf_counter()
+        if rollout is not scorer:
+            rollout.sync_weights(model)
 
         def sample_round(round_index: int, step: int = step) -> list[SampledGroup]:
             rng = random.Random(f"{seed}/dapo/{step}/{round_index}/{rank}")
@@ -189,6 +200,8 @@ def train_dapo(
                     prompt_cache[r.id] = encode_prompt(tokenizer, r, chat_kwargs)
                 prompts.append(prompt_cache[r.id])
             out = rollout.generate(prompts, cfg.group_size)
+            if rollout is not scorer:
+                out.logprobs = scorer.score(out.prompt_ids, out.response_ids)
             expanded = [r for r in records for _ in range(cfg.group_size)]
             correct = score_responses(expanded, out.texts, registry)
             shaped = torch.tensor(correct) + overlong_penalty(
@@ -231,6 +244,8 @@ def train_dapo(
         metrics.update(step_time_s=time.perf_counter() - t0,
                        tokens_per_s=generated_tokens / max(1e-9, time.perf_counter() - t0))
         metrics_log.log(step + 1, metrics)
+        bar.update(1)
+        bar.set_postfix(acc=f"{metrics.get('accuracy', 0):.2f}", kept=f"{metrics.get('kept_share', 0):.2f}")
         if on_step is not None:
             on_step(step + 1, metrics)
         last = metrics
@@ -238,8 +253,10 @@ def train_dapo(
             checkpointer.save(step + 1, model=model, optimizer=optimizer)
         if stop_after is not None and step + 1 == stop_after:
             metrics_log.close()
+            bar.close()
             raise StageInterrupted(f"stopped after step {step + 1} (test hook)")
     metrics_log.close()
+    bar.close()
     return last
 
 

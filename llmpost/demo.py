@@ -52,18 +52,19 @@ class DemoConfig:
     n_train: int = 2000  # rows per task
     n_eval: int = 64
     pretrain: SftConfig = field(default_factory=lambda: SftConfig(
-        steps=1200, batch_size=32, lr=2e-3, general_fraction=0.75, save_every=400))
-    pipeline_sns_tasks: list[str] = field(default_factory=lambda: list(SNS_TASKS))
+        steps=1000, batch_size=32, lr=2e-3, general_fraction=0.75, save_every=500))
     stage1: DapoConfig = field(default_factory=lambda: DapoConfig(
-        steps=40, prompts_per_step=32, group_size=8, lr=1e-4, general_fraction=0.3,
-        save_every=20, generation=GenerationConfig(max_new_tokens=8)))
+        steps=24, prompts_per_step=16, group_size=8, lr=2e-4, general_fraction=0.3,
+        max_extra_rounds=2, save_every=12, generation=GenerationConfig(max_new_tokens=8)))
     diagnose: DiagnoseConfig = field(default_factory=lambda: DiagnoseConfig(
         threshold=0.9, weak_weight=3.0))
     stage2: SftConfig = field(default_factory=lambda: SftConfig(
-        steps=300, batch_size=32, lr=1e-3, general_fraction=0.1, save_every=100))
+        steps=500, batch_size=32, lr=1e-3, general_fraction=0.1, save_every=250))
     stage3: DapoConfig = field(default_factory=lambda: DapoConfig(
-        steps=30, prompts_per_step=32, group_size=8, lr=1e-4, general_fraction=0.2,
-        hard_examples=True, save_every=15, generation=GenerationConfig(max_new_tokens=8)))
+        steps=16, prompts_per_step=16, group_size=8, lr=2e-4, general_fraction=0.2,
+        max_extra_rounds=2, hard_examples=True, hard_probe_per_task=64, save_every=8,
+        generation=GenerationConfig(max_new_tokens=8)))
+    baseline_sft_steps: int = 600  # SFT-only baselines; about the pipeline's wall time
     baseline_general_fraction: float = 0.1
     tiny_hidden: int = 128
     tiny_layers: int = 2
@@ -106,7 +107,7 @@ def run_baselines(demo: DemoConfig, cfg: PipelineConfig, out: Path) -> dict[str,
     sns, general = load_many(cfg.data.sns_train), load_many(cfg.data.general_train)
     evalset = eval_records(load_many(cfg.data.sns_eval + cfg.data.general_eval), demo.n_eval)
     rl_steps = demo.stage1.steps + demo.stage3.steps
-    sft_budget = replace(demo.stage2, steps=demo.stage2.steps * 2)
+    sft_budget = replace(demo.stage2, steps=demo.baseline_sft_steps)
     plans = {
         "SFT (SNS only)": [("sft", replace(sft_budget, general_fraction=0.0))],
         f"SFT + {demo.baseline_general_fraction:.0%} general": [
@@ -154,7 +155,8 @@ def format_table(columns: dict[str, dict[str, Any]]) -> str:
         lines.append(f"{label:14s}" + "".join(f"{columns[n][key]:>{width + 2}.3f}" for n in names))
     if any("wall_s" in c for c in columns.values()):
         lines.append(f"{'wall s':14s}" + "".join(
-            f"{columns[n].get('wall_s', float('nan')):>{width + 2}.0f}" for n in names))
+            f"{columns[n]['wall_s']:>{width + 2}.0f}" if "wall_s" in columns[n]
+            else f"{'-':>{width + 2}s}" for n in names))
     return "\n".join(lines)
 
 
@@ -223,7 +225,9 @@ def run_demo(demo: DemoConfig) -> dict[str, dict[str, Any]]:
     print(table)
     print(f"\nweak tasks after stage 1 (capability map): {', '.join(cap['weak']) or 'none'}")
     print("'wall s' under stage 3 is the whole pipeline (stages 1-3 with evaluations);")
-    print("baselines: SFT steps = 2 x stage-2 steps; SFT -> RL = stage-2 SFT + stage 1+3 DAPO steps.")
+    print(f"budgets: pipeline = {demo.stage1.steps} + {demo.stage3.steps} DAPO steps and "
+          f"{demo.stage2.steps} SFT steps; SFT baselines = {demo.baseline_sft_steps} SFT steps; "
+          f"SFT -> RL = {demo.stage2.steps} SFT + {demo.stage1.steps + demo.stage3.steps} DAPO steps")
     print(f"plots: {', '.join(str(p) for p in plots)}; capability map: "
           f"{Path(cfg.run_dir) / 'stage1' / 'capability_map.png'}")
     print(f"demo wall time {time.perf_counter() - t_start:.0f} s")
@@ -236,6 +240,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    import transformers
+
+    transformers.utils.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+    logging.getLogger("common").setLevel(logging.WARNING)
     demo = config_from_args(DemoConfig, args)
     if args.out:
         demo.out = args.out

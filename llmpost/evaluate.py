@@ -52,7 +52,7 @@ def score_rows(
     rollout = HFRollout(model, tokenizer, GenerationConfig(
         max_new_tokens=cfg.max_new_tokens, batch_size=cfg.batch_size))
     prompts = [encode_prompt(tokenizer, r, chat_kwargs) for r in padded]
-    out = rollout.generate(prompts, 1, greedy=True) if prompts else None
+    out = rollout.generate(prompts, 1, greedy=True, with_logprobs=False) if prompts else None
     rows = []
     for r, text in zip(mine, out.texts if out else []):
         score = registry.score(r.reward, r.prompt_text(), text, r.reference, r.meta)

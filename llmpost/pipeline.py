@@ -149,7 +149,7 @@ def run_stage(cfg: PipelineConfig, stage: int, registry: RewardRegistry | None =
     chat = cfg.data.chat_kwargs
     if stage == 1:
         train_dapo(model, tokenizer, data["sns_train"], data["general_train"], cfg.stage1,
-                   registry, out, seed, chat, stop_after)
+                   registry, out, seed, chat, stop_after, model_path=previous)
     elif stage == 2:
         cap = json.loads((stage_dir(cfg, 1) / "capability_map.json").read_text())
         train_sft(model, tokenizer, data["sns_train"], data["general_train"], cfg.stage2, out,
@@ -159,7 +159,7 @@ def run_stage(cfg: PipelineConfig, stage: int, registry: RewardRegistry | None =
         if cfg.stage3.hard_examples:
             pool = hard_examples(model, tokenizer, cfg, pool, registry)
         train_dapo(model, tokenizer, pool, data["general_train"], cfg.stage3, registry, out,
-                   seed, chat, stop_after)
+                   seed, chat, stop_after, model_path=previous)
     save_policy(model, tokenizer, out / "model")
     result = evaluate_tasks(model, tokenizer, data["eval"], registry, cfg.eval, chat)
     if stage == 1 and rank_and_world()[0] == 0:

@@ -25,6 +25,9 @@ class GenerationConfig:
     stop_strings: list[str] = field(default_factory=list)
     backend: str = "hf"  # hf | vllm
     batch_size: int = 256  # sequences per generate call
+    # False: log-probs from the logits generate already computed (KV-cache numerics, equal
+    # to a fresh forward within ~1e-6); True: one more forward pass, exact.
+    recompute_logprobs: bool = False
 
 
 @dataclass
@@ -95,8 +98,10 @@ class HFRollout:
 
     @torch.no_grad()
     def generate(self, prompts: list[list[int]], num_samples: int = 1,
-                 greedy: bool = False) -> RolloutBatch:
+                 greedy: bool = False, with_logprobs: bool = True) -> RolloutBatch:
         cfg, tok = self.config, self.tokenizer
+        from_logits = with_logprobs and not cfg.recompute_logprobs
+        logprobs: list[list[float]] = []
         expanded = [p for p in prompts for _ in range(num_samples)]
         pad_id, eos_id = tok.pad_token_id, tok.eos_token_id
         was_training = self.model.training
@@ -113,11 +118,17 @@ class HFRollout:
             kwargs: dict[str, Any] = dict(
                 max_new_tokens=cfg.max_new_tokens, pad_token_id=pad_id, eos_token_id=eos_id,
                 do_sample=not greedy, synced_gpus=synced,
+                output_logits=from_logits, return_dict_in_generate=True,
             )
             if not greedy:
                 kwargs.update(temperature=cfg.temperature, top_p=cfg.top_p, top_k=0)
             out = self.model.generate(input_ids=ids.to(device), attention_mask=attn.to(device), **kwargs)
-            for row in out[:, width:].tolist():
+            new_tokens = out.sequences[:, width:]
+            if from_logits:
+                steps = torch.stack(out.logits, dim=1).float() / cfg.temperature  # (B, T, V)
+                chosen = steps.log_softmax(-1).gather(-1, new_tokens.unsqueeze(-1)).squeeze(-1)
+                logprobs += chosen.cpu().tolist()
+            for row in new_tokens.tolist():
                 if eos_id in row:
                     responses.append(row[: row.index(eos_id) + 1])
                     truncated.append(False)
@@ -130,7 +141,12 @@ class HFRollout:
                 cut, stopped = _cut_at_stop(r, tok, cfg.stop_strings)
                 if stopped:
                     responses[i], truncated[i] = cut, False
-        logprobs = self.score(expanded, responses)
+        if from_logits:
+            logprobs = [lp[: len(r)] for lp, r in zip(logprobs, responses)]
+        elif with_logprobs:
+            logprobs = self.score(expanded, responses)
+        else:
+            logprobs = [[] for _ in responses]
         self.model.train(was_training)
         texts = [tok.decode(r, skip_special_tokens=True).strip() for r in responses]
         return RolloutBatch(expanded, responses, logprobs, [len(r) for r in responses],

@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from common.checkpoint import Checkpointer
-from common.metrics import MetricsLogger
+from common.metrics import MetricsLogger, progress
 from common.regularizer import DataRegularizer
 from llmpost.config import SftConfig
 from llmpost.dapo_trainer import StageInterrupted
@@ -144,6 +144,7 @@ def train_sft(
                 cache[r.id] = build_example(tokenizer, r, chat_kwargs)
         return [cache[r.id] for r in records]
 
+    bar = progress(total=cfg.steps, initial=start, desc=f"SFT {stage_dir.name}")
     for step in range(start, cfg.steps):
         if regularizer is not None:
             last = _projector_step(model, optimizer, regularizer, examples_of, target, general,
@@ -154,14 +155,18 @@ def train_sft(
                              tokenizer.pad_token_id, random.Random(f"{seed}/sft/{step}/{rank}"),
                              task_weights)
         metrics_log.log(step + 1, last)
+        bar.update(1)
+        bar.set_postfix(loss=f"{last['loss']:.3f}")
         if on_step is not None:
             on_step(step + 1, last)
         if (step + 1) % cfg.save_every == 0 or step + 1 == cfg.steps:
             checkpointer.save(step + 1, model=model, optimizer=optimizer)
         if stop_after is not None and step + 1 == stop_after:
             metrics_log.close()
+            bar.close()
             raise StageInterrupted(f"stopped after step {step + 1} (test hook)")
     metrics_log.close()
+    bar.close()
     return last
 
 

@@ -1,6 +1,7 @@
 """Tokenizer and tiny Qwen3 round-trips, chat encoding, and rollout outputs checked
 against an independent forward pass."""
 
+import pytest
 import torch
 import torch.nn.functional as F
 
@@ -40,12 +41,13 @@ def test_bpe_tokenizer_round_trip(tmp_path):
     assert again.decode(ids) == "hello #fun"
 
 
-def test_rollout_logprobs_lengths_and_truncation(word_tokenizer):
+@pytest.mark.parametrize("recompute", [False, True])
+def test_rollout_logprobs_lengths_and_truncation(word_tokenizer, recompute):
     torch.manual_seed(0)
     model = make_tiny_model(word_tokenizer)
     records = [record_from_dict(r) for r in generate_task("taxonomy", 3, 0)]
     prompts = [encode_prompt(word_tokenizer, r) for r in records]
-    cfg = GenerationConfig(temperature=1.0, max_new_tokens=6)
+    cfg = GenerationConfig(temperature=1.0, max_new_tokens=6, recompute_logprobs=recompute)
     batch = HFRollout(model, word_tokenizer, cfg).generate(prompts, num_samples=4)
     assert len(batch) == 12 and batch.prompt_ids[4] == prompts[1]  # groups consecutive
     eos = word_tokenizer.eos_token_id

@@ -134,3 +134,14 @@ def test_stage2_with_the_projector(assets, tmp_path):
     assert "projector/cos_update_target" in log[-1]
     before, after = _weights(cfg, 1), _weights(cfg, 2)
     assert any(not torch.equal(before[k], after[k]) for k in before)
+
+
+@pytest.mark.parametrize("name", ["qwen3-4b.yaml", "tiny.yaml"])
+def test_shipped_configs_load(name):
+    from pathlib import Path
+
+    from common.config import load_config
+
+    cfg = load_config(PipelineConfig, Path(__file__).parents[2] / "configs" / "llm" / name)
+    assert cfg.stage1.eps_low == 0.2 and cfg.stage1.eps_high == 0.28
+    assert cfg.stage3.hard_examples
