@@ -177,8 +177,8 @@ def train_dapo(
     start = checkpointer.load(model=model, optimizer=optimizer) or 0
     metrics_log = MetricsLogger(stage_dir, enabled=rank == 0)
     scorer = HFRollout(model, tokenizer, cfg.generation)
-    rollout = build_rollout(model, tokenizer, cfg.generation,
-                            str(model_path) if model_path else None)
+    rollout = scorer if cfg.generation.backend == "hf" else build_rollout(
+        model, tokenizer, cfg.generation, str(model_path) if model_path else None)
     groups_per_rank = max(1, cfg.prompts_per_step // world)
     prompt_cache: dict[str, list[int]] = {}
     last: dict[str, float] = {}
