@@ -182,3 +182,37 @@ def test_pair_and_cp_training_equal_single_process(tmp_path, pair, cp, cp_mode):
             # Adam divides by sqrt(v): float-order noise in tiny gradients shows up as up
             # to a few 1e-6 in the parameters; 1e-5 is 1% of one step (lr = 1e-3).
             torch.testing.assert_close(rank_params[name], p, rtol=0, atol=1e-5, msg=name)
+
+
+@pytest.mark.parametrize("name", ["wan2.1_t2v_1.3b_regdpo", "wan2.1_i2v_14b_regdpo", "cogvideox_5b_regdpo"])
+def test_shipped_configs_load(name):
+    from common.config import load_config
+
+    cfg = load_config(RunConfig, Path(__file__).parents[2] / "configs" / "video" / f"{name}.yaml")
+    assert cfg.loss.kind == "reg_dpo" and cfg.parallel.pair == 2 and cfg.model.path
+
+
+def test_train_and_sample_commands(tmp_path):
+    from videodpo.cli import main
+
+    model_dir = _adapter().save_pretrained(tmp_path / "model")
+    from videodpo.data.manifest import write_manifest
+    from videodpo.data.video_io import write_video
+
+    rows = []
+    for i, item in enumerate(PairList(n=4).items):
+        rows.append({"chosen": str(write_video(tmp_path / f"c{i}.mp4", item["chosen"])),
+                     "rejected": str(write_video(tmp_path / f"r{i}.mp4", item["rejected"])),
+                     "caption": item["caption"]})
+    manifest = write_manifest(tmp_path / "pairs.jsonl", rows)
+    cfg = tmp_path / "run.yaml"
+    cfg.write_text(
+        f"out_dir: {tmp_path / 'run'}\nmodel: {{path: {model_dir}}}\ndata: {{manifest: {manifest}}}\n"
+        "train: {steps: 2, batch_size: 2}\nloss: {kind: dpo, beta: 100.0}\n"
+        "sample: {prompts: ['a red circle moving up at fast speed'], num_frames: 4, height: 8, width: 8, num_steps: 3}\n"
+    )
+    assert main(["train", "--config", str(cfg)]) == 0
+    assert main(["sample", "--config", str(cfg)]) == 0
+    assert (tmp_path / "run" / "samples" / "sample_000.mp4").is_file()
+    assert (tmp_path / "run" / "samples" / "contact_sheet.png").is_file()
+    assert main(["train", "--config", str(cfg), "--set", "loss.kind=ppo"]) == 1  # one-line error
