@@ -98,7 +98,9 @@ class SearchConfig:
     budget_mb: float = 256.0
     latent_sizes: list[list[int]] = field(default_factory=lambda: [[32, 32]])  # latent (H, W)
     max_frames: int = 64
-    sweep: list[int] = field(default_factory=list)  # frame counts measured for every layout too
+    # Also measure each layout at these fractions of its estimated capacity (the curve
+    # below the budget, for the plot and the estimator check).
+    sweep_fractions: list[float] = field(default_factory=list)
     layouts: list[str] = field(default_factory=list)  # names to run; empty = all
 
 
@@ -276,11 +278,8 @@ def _bench_step(cfg: BenchConfig, layout: Layout, h: int, w: int):
 
 
 def estimated_layout(cfg: BenchConfig, layout: Layout) -> Layout:
-    """`layout` as the step that will run it shards: the trainer over dp_shard only."""
-    if step_kind(cfg, layout) == "trainer":
-        return replace(layout, fsdp_shards=cfg.world_size // layout.ranks_needed())
-    return replace(layout, fsdp_shards=cfg.world_size)
-
+    """`layout` as both steps shard it: FSDP over every rank (dp_shard x pair x cp)."""
+    return replace(layout, fsdp_shards=layout.fsdp_shards or cfg.world_size)
 
 def _measure_on_rank(cfg: BenchConfig, layout: Layout, frames: int, h: int, w: int) -> dict[str, Any]:
     """Build, warm up at one frame, then measure one step at `frames` (this rank)."""
@@ -587,8 +586,8 @@ def run_bench(cfg: BenchConfig, search: SearchConfig, out: Path, budget: float,
                 return m.peak_mb
 
             try:
-                for frames in search.sweep:  # the curve below the budget, for the plot and the estimator
-                    peak_at(frames)
+                for fraction in search.sweep_fractions:
+                    peak_at(min(max(1, round(fraction * guess)), search.max_frames))
                 cap = find_capacity(peak_at, budget, max(guess, 1), search.max_frames)
             except NotImplementedError as err:  # a layout whose pieces are not in the tree yet
                 capacities[key] = {"layout": asdict(layout), "latent": list(hw), "max_frames": None,

@@ -39,19 +39,27 @@ I2V_BLOCK_HIDDEN = 2  # I2V: the image cross-attention's output and its flattene
 # and norm_out's two statistics.
 OUTER_HIDDEN = 3
 OUTER_STATS = 2
-# The Reg-DPO step around the model, per token, in latent-patch units (channels x patch):
-# clean latent, noise, target and the saved prediction error (the noisy input is the
-# patch embedding's saved input, counted above).
-LOSS_LATENT = 4
-# Without checkpointing the peak is at the end of the forward: everything saved plus
-# the prediction and its squared error (latent units) and the head's hidden-size
+# The Reg-DPO step around the model (videodpo.trainer: policy forward, then the frozen
+# reference's forward under no_grad while the policy's activations are kept, then
+# backward), per video token, in fp32 latent units (output channels x patch):
+# through backward only the saved prediction error outlives the step's locals (the
+# noisy input is the patch embedding's saved input, counted with the model); during the
+# forwards the pair's clean latents, their concatenation, the noise and the target live.
+BACKWARD_LATENT = 1
+FORWARD_LATENT = 4
+# Without checkpointing the policy forward ends with everything saved plus the
+# prediction and its squared error (latent units) and the head's hidden-size
 # temporaries (norm_out output, modulated output, proj_out input). In backward, each
 # gradient buffer appears as saved tensors of the same block are released, so the
 # backward working set does not raise the peak (measured: < 2% of it).
 END_OF_FORWARD_LATENT = 2
 END_OF_FORWARD_HIDDEN = 3
-# With checkpointing the peak is in backward: the block inputs plus one block whose
-# forward has just been recomputed.
+# The reference's forward under no_grad: a few live hidden-size vectors and the FFN's
+# intermediate at once, on top of what the policy keeps.
+REFERENCE_HIDDEN = 6
+REFERENCE_FFN = 2
+# With checkpointing the peak is either that reference forward or, in backward, the
+# block inputs plus one block whose forward has just been recomputed.
 # Context parallelism (common.cp_plans on Wan), per token of the rank's shard: one more
 # hidden-size vector kept per block, all-to-all or ring buffers in flight (hidden-size
 # units), the gathered prediction (a whole-video latent), and for the ring the fp32
@@ -61,10 +69,6 @@ CP_BLOCK_HIDDEN = 1
 CP_TRANSIENT_HIDDEN = 4
 CP_GATHERED_LATENT = 1
 RING_SCORE_MATRICES = 4
-# The frozen reference's forward under no_grad: a few live hidden-size vectors and the
-# FFN's intermediate at once.
-REFERENCE_HIDDEN = 6
-REFERENCE_FFN = 2
 
 
 @dataclass(frozen=True)
@@ -289,10 +293,11 @@ def estimate_peak(
 ) -> Estimate:
     """Predicted per-rank peak of one Reg-DPO step at `frames` latent frames.
 
-    The step runs the frozen reference forward (no_grad), then the policy forward and
-    backward on the rank's videos, then AdamW. Without checkpointing the peak is at the
-    end of the forward (everything kept for backward plus the loss's temporaries); with
-    it, in backward (the block inputs plus one recomputed block).
+    The step (videodpo.trainer's order) runs the policy forward on the rank's videos,
+    then the frozen reference's forward under no_grad, then backward and AdamW. Without
+    checkpointing the peak is during the reference forward or at the end of the policy
+    forward, on top of everything the policy keeps; with it, the larger of that and the
+    backward of one recomputed block on top of the block inputs.
     """
     precision = precision or Precision()
     if world_size % layout.ranks_needed():
@@ -316,7 +321,7 @@ def estimate_peak(
     latent = latent_bytes_per_token(dims)
     # Latent-space tensors are whole on every rank: the input before the split, the
     # loss's tensors after `proj_out`'s gather (and the gathered prediction itself).
-    whole = outer_global_bytes_per_token(dims, precision) + LOSS_LATENT * latent
+    whole = outer_global_bytes_per_token(dims, precision) + BACKWARD_LATENT * latent
     cp_buffers = 0.0
     ring_scores = 0.0
     if layout.cp > 1:
@@ -330,13 +335,15 @@ def estimate_peak(
     context = videos * context_saved_bytes(dims, precision)
     per_layer = d * cb if layout.ac else block
     kept = videos * (local * (dims.num_layers * per_layer + outer_local) + tokens * whole) + context
+    forward_live = videos * tokens * FORWARD_LATENT * latent
+    reference = videos * local * ((REFERENCE_HIDDEN * d + REFERENCE_FFN * dims.ffn_dim) * cb + cp_buffers)
+    reference += ring_scores
     if layout.ac:
-        transient = videos * local * (block + cp_buffers) + ring_scores
+        recompute = videos * local * (block + cp_buffers) + ring_scores
+        transient = max(forward_live + reference, recompute)
     else:
-        transient = (videos * (tokens * END_OF_FORWARD_LATENT * latent
-                               + local * (END_OF_FORWARD_HIDDEN * d * cb + cp_buffers)) + ring_scores)
-    reference = videos * local * (REFERENCE_HIDDEN * d + REFERENCE_FFN * dims.ffn_dim) * cb
-    transient = max(transient, reference + ring_scores - kept)
+        end_of_forward = videos * (tokens * END_OF_FORWARD_LATENT * latent + local * END_OF_FORWARD_HIDDEN * d * cb)
+        transient = forward_live + max(end_of_forward, reference)
     return Estimate(model_state, fsdp_buffers, kept, transient)
 
 
