@@ -216,3 +216,26 @@ def test_train_and_sample_commands(tmp_path):
     assert (tmp_path / "run" / "samples" / "sample_000.mp4").is_file()
     assert (tmp_path / "run" / "samples" / "contact_sheet.png").is_file()
     assert main(["train", "--config", str(cfg), "--set", "loss.kind=ppo"]) == 1  # one-line error
+
+
+def test_validation_every_n_steps_writes_clips_sheet_and_pair_metrics(tmp_path):
+    from videodpo.data.manifest import write_manifest
+    from videodpo.data.video_io import write_video
+
+    rows = []
+    for i, item in enumerate(PairList(n=2).items):
+        rows.append({"chosen": str(write_video(tmp_path / f"c{i}.mp4", item["chosen"])),
+                     "rejected": str(write_video(tmp_path / f"r{i}.mp4", item["rejected"])),
+                     "caption": item["caption"]})
+    cfg = _cfg(tmp_path, steps=2)
+    cfg.validation.every, cfg.validation.num_steps = 2, 2
+    cfg.validation.prompts = ["a red circle moving up at fast speed", "a blue square moving left at slow speed"]
+    cfg.validation.num_frames, cfg.validation.height, cfg.validation.width = 4, 8, 8
+    cfg.validation.manifest = str(write_manifest(tmp_path / "val.jsonl", rows))
+    train(cfg, dataset=PairList(), adapter=_adapter())
+    out = tmp_path / "run" / "validation" / "step_0000002"
+    assert (out / "clip_000.mp4").is_file() and (out / "clip_001.mp4").is_file()
+    assert (out / "contact_sheet.png").is_file()
+    logged = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    val = [r for r in logged if "val/dpo_accuracy" in r]
+    assert len(val) == 1 and 0.0 <= val[0]["val/dpo_accuracy"] <= 1.0 and val[0]["val/sft_error"] > 0
