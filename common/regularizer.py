@@ -22,7 +22,8 @@ modules outside the blocks being one group each; `model` = one group.
 
 Paths, which give the same update (tests/common/test_regularizer.py):
 - `materialized`: per-sample gradients of every parameter with `torch.func` (vmap of
-  grad); the reference; n + B_T full gradients in memory; single process only.
+  grad, or grad per sample where the model's control flow defeats vmap, as HF padding
+  masks do); the reference; n + B_T full gradients in memory; single process only.
 - `ghost`: one forward per batch and one backward that stops at module outputs (no
   weight gradients). For `nn.Linear` the Gram entries come from layer inputs X and output
   gradients G: <g_i, g_j> = sum_{s,t} (X_i X_j^T)_{st} (G_i G_j^T)_{st}, the target
@@ -34,6 +35,8 @@ Paths, which give the same update (tests/common/test_regularizer.py):
   Embeddings use the touched rows only; other modules (norms) get per-sample gradients of
   their own few parameters from their captured input and output gradient. The update of
   each layer is b * g_T + (a-weighted G)^T X, formed from the captured tensors.
+  Memory: each Linear's input and output gradient are kept until the step ends (about
+  one more copy of the Linear activations), never n gradients of a group.
 - `sketch`: as `ghost`, but the Gram block of a Linear with at least `sketch_min_numel`
   weights is estimated from Kronecker Gaussian sketches P_o G^T X P_i^T of size
   sketch_dim x sketch_dim (a side no larger than sketch_dim is kept exact). The estimate
@@ -212,11 +215,23 @@ class DataRegularizer:
             loss = torch.func.functional_call(wrapper, state, (batch,))[0]
             return loss, loss
 
-        per_sample = torch.func.vmap(torch.func.grad(sample_loss, has_aux=True), in_dims=(None, 0))
+        grad_fn = torch.func.grad(sample_loss, has_aux=True)
+        vmapped = torch.func.vmap(grad_fn, in_dims=(None, 0))
+
+        def per_sample(batch):
+            try:
+                return vmapped(params, batch)
+            except RuntimeError as err:  # data-dependent control flow (e.g. HF padding masks)
+                if "vmap" not in str(err):
+                    raise
+            rows = [grad_fn(params, tree_map(lambda t, i=i: t[i], batch)) for i in range(_batch_size(batch))]
+            grads = {k: torch.stack([r[0][k] for r in rows]) for k in params}
+            return grads, torch.stack([r[1] for r in rows])
+
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", UserWarning)  # no vmap rule for CPU flash sdpa
-            grads_t, losses_t = per_sample(params, target_batch)
-            grads_g, losses_g = per_sample(params, general_batch)
+            grads_t, losses_t = per_sample(target_batch)
+            grads_g, losses_g = per_sample(general_batch)
         columns = {
             k: torch.cat([grads_t[k].mean(0, keepdim=True), grads_g[k]]).flatten(1).double()
             for k in params

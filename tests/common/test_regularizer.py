@@ -156,6 +156,39 @@ def test_none_and_mean_are_plain_training():
     assert_grads_close(got, plain_general)
 
 
+def test_padded_dict_batches():
+    def masked_loss(model, batch):
+        logits = model(input_ids=batch["ids"], attention_mask=batch["mask"]).logits[:, :-1]
+        tokens = F.cross_entropy(logits.transpose(1, 2), batch["ids"][:, 1:], reduction="none")
+        keep = batch["mask"][:, 1:]
+        return (tokens * keep).sum(1) / keep.sum(1)
+
+    target, general = batches(seed=9)
+    mask_t, mask_g = torch.ones_like(target), torch.ones_like(general)
+    mask_t[0, -3:] = 0  # right padding; HF masking makes vmap fall back to a loop
+    mask_g[1, -4:] = 0
+    tb, gb = {"ids": target, "mask": mask_t}, {"ids": general, "mask": mask_g}
+    grads = {}
+    for path in ("materialized", "ghost"):
+        model = tiny_qwen3(seed=5)
+        cfg = RegularizerConfig(path=path, feasible="hull", granularity="layer", n_general=5)
+        DataRegularizer(model, cfg).step(masked_loss, tb, gb)
+        grads[path] = {k: p.grad.clone() for k, p in model.named_parameters()}
+    assert_grads_close(grads["ghost"], grads["materialized"])
+
+
+def test_activation_checkpointing_recompute_adds_nothing():
+    from common.fsdp import apply_activation_checkpointing
+
+    target, general = batches(seed=11)
+    cfg = dict(feasible="halfspace", granularity="block", n_general=5)
+    want, _ = grads_after(tiny_qwen3(seed=6), RegularizerConfig(path="materialized", **cfg), target, general)
+    model = tiny_qwen3(seed=6)
+    assert apply_activation_checkpointing(model) == 2
+    got, _ = grads_after(model, RegularizerConfig(path="ghost", **cfg), target, general)
+    assert_grads_close(got, want)
+
+
 def test_bad_config_and_inputs_raise_config_errors():
     with pytest.raises(ConfigError, match="regularizer.feasible"):
         RegularizerConfig(feasible="ball")
