@@ -222,8 +222,10 @@ def train_dapo(
             result = dynamic_sample(sample_round, groups_per_rank, cfg.max_extra_rounds,
                                     keep_going=any_rank)
             kept, seen = result.groups, result.groups + result.dropped
+            sampling = {"sampling_rounds": result.rounds, "cap_hit": float(result.cap_hit)}
         else:
             kept = seen = list(sample_round(0))
+            sampling = {"sampling_rounds": 1, "cap_hit": 0.0}
         generated_tokens = sum(sum(g.data["lengths"]) for g in seen)
 
         batch = PolicyBatch(
@@ -241,6 +243,7 @@ def train_dapo(
             update = {"loss": 0.0, "clip_frac": torch.zeros(0), "entropy": torch.zeros(0)}
 
         metrics = _step_metrics(seen, kept, batch, update, cfg.group_size)
+        metrics.update(sampling)
         metrics.update(step_time_s=time.perf_counter() - t0,
                        tokens_per_s=generated_tokens / max(1e-9, time.perf_counter() - t0))
         metrics_log.log(step + 1, metrics)

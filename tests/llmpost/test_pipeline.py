@@ -75,7 +75,8 @@ def test_pipeline_end_to_end_through_the_cli(assets, tmp_path, capsys):
     assert (stage_dir(cfg, 1) / "capability_map.png").exists()
     assert set(cap["weights"]) == set(cap["scores"])  # stage 2 covers every SNS task
     rl_log = [json.loads(x) for x in (stage_dir(cfg, 1) / "metrics.jsonl").read_text().splitlines()]
-    assert {"reward", "accuracy", "response_length", "kept_share", "loss"} <= set(rl_log[-1])
+    assert {"reward", "accuracy", "response_length", "kept_share", "loss", "cap_hit"} <= set(rl_log[-1])
+    assert any({"clip_frac", "entropy"} <= set(row) for row in rl_log)  # steps that trained
     assert any(k.endswith("/kept_share") for k in rl_log[-1])
     # The stages changed the model.
     assert any(not torch.equal(_weights(cfg, 1)[k], _weights(cfg, 3)[k]) for k in _weights(cfg, 1))
