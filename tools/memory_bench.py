@@ -644,6 +644,22 @@ def run_bench(cfg: BenchConfig, search: SearchConfig, out: Path, budget: float,
     return result
 
 
+def check_config(cfg: BenchConfig, source: str) -> None:
+    """Reject a config the benchmark cannot run, naming the key."""
+    from common.errors import ConfigError
+
+    names = [layout.name for layout in cfg.layouts]
+    for key in ("baseline", "combined"):
+        if getattr(cfg, key) not in names:
+            raise ConfigError(f"{source}: '{key}' is {getattr(cfg, key)!r}, not one of the layouts {names}")
+    if cfg.step not in ("trainer", "bench", "auto"):
+        raise ConfigError(f"{source}: 'step' must be trainer, bench or auto, got {cfg.step!r}")
+    for layout in cfg.layouts + cfg.estimate.layouts:
+        if layout.pair not in (1, 2) or layout.cp < 1 or layout.cp_mode not in ("ulysses", "ring"):
+            raise ConfigError(f"{source}: layout {layout.name!r} needs pair 1 or 2, cp >= 1 and cp_mode "
+                              f"ulysses or ring, got pair={layout.pair}, cp={layout.cp}, cp_mode={layout.cp_mode!r}")
+
+
 def main(argv: list[str] | None = None) -> int:
     from common.config import load_config, save_config
     from common.errors import UserError
@@ -659,8 +675,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         cfg = load_config(BenchConfig, args.config, args.overrides)
-        if not cfg.layouts:
-            raise UserError(f"{args.config}: 'layouts' is empty; list at least the baseline and combined layouts")
+        check_config(cfg, args.config)
         search = cfg.quick if args.quick else cfg.full
         budget = args.budget if args.budget is not None else search.budget_mb
         previous = None
