@@ -52,6 +52,7 @@ class DemoConfig:
     num_layers: int = 4
     num_heads: int = 4
     patch_size: tuple[int, int, int] = (1, 4, 4)
+    task: str = "t2v"  # or "i2v": the base also sees the real clip's first frame
     seed: int = 0
 
 
@@ -85,7 +86,7 @@ def run_demo(out_dir: str | Path, demo: DemoConfig | None = None) -> dict:
 
     # 2. the base model
     logger.info("training the base model (%d steps)", demo.base_steps)
-    adapter = build_pixel_adapter("wan", "t2v", seed=demo.seed, height=h, width=w, num_frames=f,
+    adapter = build_pixel_adapter("wan", demo.task, seed=demo.seed, height=h, width=w, num_frames=f,
                                   num_layers=demo.num_layers, num_heads=demo.num_heads, head_dim=16,
                                   ffn_dim=demo.num_heads * 32, patch_size=demo.patch_size)
     base_cfg = _run_cfg(out / "base", "sft", demo.base_steps, demo.base_lr, demo.batch_size, demo)
@@ -95,32 +96,37 @@ def run_demo(out_dir: str | Path, demo: DemoConfig | None = None) -> dict:
     t_base = time.perf_counter() - start
 
     # 3. GT-Pairs: the base generates for every pair / held-out caption
-    def base_generate(prompts: list[str], seed: int) -> torch.Tensor:
-        return generate(base, base.transformer, prompts, f, h, w, num_steps=demo.sample_steps, seed=seed)
+    i2v = demo.task == "i2v"
+    pair_first = pair_clips[:, :, 0] if i2v else None
+    held_first = held_clips[:, :, 0] if i2v else None
 
-    pair_rejected = base_generate(pair_caps, demo.seed + 1)
-    held_rejected = base_generate(held_caps, demo.seed + 2)
+    def base_generate(prompts: list[str], first: torch.Tensor | None, seed: int) -> torch.Tensor:
+        return generate(base, base.transformer, prompts, f, h, w, first, num_steps=demo.sample_steps, seed=seed)
+
+    pair_rejected = base_generate(pair_caps, pair_first, demo.seed + 1)
+    held_rejected = base_generate(held_caps, held_first, demo.seed + 2)
     _write_pairs(out / "pairs", pair_clips, pair_rejected, pair_caps, world.fps)
 
     # 4. tune the same base three ways
-    held_text = base.encode_prompts(held_caps)
-    pair_text = base.encode_prompts(pair_caps)
+    held_cond = base.prepare_conditions(held_caps, held_first, f)
+    pair_cond = base.prepare_conditions(pair_caps, pair_first, f)
     ref_model = base.transformer
     rows: dict[str, dict[str, float]] = {}
     samples: dict[str, torch.Tensor] = {"real": held_clips, "base": None}
 
     def evaluate(name: str, adapter_, model) -> None:
-        gen = generate(adapter_, model, held_caps, f, h, w, num_steps=demo.sample_steps, seed=demo.seed + 3)
+        gen = generate(adapter_, model, held_caps, f, h, w, held_first, num_steps=demo.sample_steps,
+                       seed=demo.seed + 3)
         samples[name] = gen
-        held_w = sample_errors(adapter_, model, held_clips, {"text": held_text})
-        held_l = sample_errors(adapter_, model, held_rejected, {"text": held_text})
-        ref_w = sample_errors(base, ref_model, held_clips, {"text": held_text})
-        ref_l = sample_errors(base, ref_model, held_rejected, {"text": held_text})
+        held_w = sample_errors(adapter_, model, held_clips, held_cond)
+        held_l = sample_errors(adapter_, model, held_rejected, held_cond)
+        ref_w = sample_errors(base, ref_model, held_clips, held_cond)
+        ref_l = sample_errors(base, ref_model, held_rejected, held_cond)
         d = (held_w - ref_w) - (held_l - ref_l)
         rows[name] = {
             "motion_fidelity": motion_scores(gen, held_recs),
             "dpo_accuracy": float((d < 0).float().mean()) if name != "base" else float("nan"),
-            "chosen_error": float(sample_errors(adapter_, model, pair_clips, {"text": pair_text}).mean()),
+            "chosen_error": float(sample_errors(adapter_, model, pair_clips, pair_cond).mean()),
             "heldout_error": float(held_w.mean()),
         }
 
@@ -205,6 +211,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", default="runs/videodpo-demo", help="output directory")
     parser.add_argument("--base-steps", type=int, default=None, help="base model training steps")
     parser.add_argument("--tune-steps", type=int, default=None, help="steps of each tuning method")
+    parser.add_argument("--task", choices=("t2v", "i2v"), default=None, help="base model task")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -213,5 +220,7 @@ def run(args: argparse.Namespace) -> int:
         demo = replace(demo, base_steps=args.base_steps)
     if args.tune_steps is not None:
         demo = replace(demo, tune_steps=args.tune_steps)
+    if args.task is not None:
+        demo = replace(demo, task=args.task)
     run_demo(args.out, demo)
     return 0

@@ -142,21 +142,21 @@ class Validator:
     def __call__(self, state: Any) -> dict[str, float]:
         cfg, v = self.cfg, self.cfg.validation
         metrics: dict[str, float] = {}
-        if not state.layout.is_main and state.layout.world_size > 1 and not state.layout.fsdp:
-            return metrics
+        # Every rank runs the model (FSDP and cp need all of them); rank 0 writes.
         out = Path(cfg.out_dir) / "validation" / f"step_{state.step:07d}"
         if self.pairs is not None:
             state.policy.eval()
-            with state.reference_context():
-                ref = state.reference if state.reference is not None else state.policy
-                ref_errors = {k: sample_errors(self.adapter, ref, getattr(self.pairs, k), self.pairs.cond)
-                              for k in ("chosen", "rejected")}
             pw = sample_errors(self.adapter, state.policy, self.pairs.chosen, self.pairs.cond)
             pl = sample_errors(self.adapter, state.policy, self.pairs.rejected, self.pairs.cond)
+            metrics.update(sft_error=pw.mean().item(), rejected_error=pl.mean().item())
+            if state.reference is not None or state.lora:  # SFT of a full model keeps no reference
+                with state.reference_context():
+                    ref = state.reference if state.reference is not None else state.policy
+                    rw = sample_errors(self.adapter, ref, self.pairs.chosen, self.pairs.cond)
+                    rl = sample_errors(self.adapter, ref, self.pairs.rejected, self.pairs.cond)
+                d = (pw - rw) - (pl - rl)
+                metrics.update(dpo_accuracy=(d < 0).float().mean().item(), margin=(-d).mean().item())
             state.policy.train()
-            d = (pw - ref_errors["chosen"]) - (pl - ref_errors["rejected"])
-            metrics.update(dpo_accuracy=(d < 0).float().mean().item(), margin=(-d).mean().item(),
-                           sft_error=pw.mean().item(), rejected_error=pl.mean().item())
         if v.prompts:
             first = None
             if self.adapter.task == "i2v" and v.first_frames:
