@@ -2,14 +2,16 @@
 
 For each layout of the config (FSDP only, + activation checkpointing, + context
 parallelism, + pair parallelism, all combined; all on the same ranks) the tool runs one
-full Reg-DPO training step (reference and policy forward, backward, optimizer step) of
-a tiny `WanTransformer3DModel` at chosen frame counts, each in a fresh process group,
+full Reg-DPO training step of the project's trainer (`videodpo.trainer.
+build_training_step`: policy and reference forward, backward, clipping, AdamW) on a
+tiny `WanTransformer3DModel` at chosen frame counts, each in a fresh process group,
 and records the per-rank peak memory and step time. A capacity search finds the
 largest latent frame count whose peak stays under `--budget` MiB per rank;
 `capacity_ratio` is the combined layout's capacity over FSDP-only's.
 
-Peak memory, per rank. On CUDA: `torch.cuda.max_memory_allocated` after
-`reset_peak_memory_stats` right before the step. On the CPU (ENVIRONMENT.md): processes
+Peak memory, per rank (`common.metrics`). On CUDA: `torch.cuda.max_memory_allocated`
+after `reset_peak_memory_stats` right before the step, less what was allocated then.
+On the CPU (ENVIRONMENT.md): processes
 run with `MALLOC_MMAP_THRESHOLD_=65536`; right before the step `malloc_trim(0)` and
 `5 > /proc/self/clear_refs` reset the high-water mark to the current RSS (the
 baseline); after the step `VmHWM - baseline` is the step's own peak. To it we add the
@@ -128,7 +130,6 @@ class BenchConfig:
     sft_weight: float = 1.0
     lr: float = 1e-4
     seed: int = 0
-    step: str = "auto"  # trainer | bench | auto (see `step_kind`)
     estimate: EstimateConfig = field(default_factory=EstimateConfig)
 
 
@@ -147,7 +148,6 @@ class Measurement:
     estimate_mb: float
     error: float  # (estimate - measured) / measured
     method: str  # cuda_max_allocated | cpu_vmhwm
-    step_kind: str  # trainer: videodpo.trainer's step; bench: this tool's own
 
 
 # ---- one measurement, in fresh processes ----------------------------------------------
@@ -169,27 +169,9 @@ def _model_state_bytes(policy: Any, reference: Any, optimizer: Any) -> int:
     return _local_bytes(tensors)
 
 
-def step_kind(cfg: BenchConfig, layout: Layout) -> str:
-    """`trainer` (videodpo.trainer's step) or `bench` (this tool's), as the config says;
-    `auto` takes the trainer where its modules are in the tree."""
-    if cfg.step == "auto":
-        return "trainer" if trainer_missing(layout) is None else "bench"
-    return cfg.step
-
-
-def trainer_missing(layout: Layout) -> str | None:
-    """None if `videodpo.trainer` can run `layout` in this tree, else what is missing."""
-    import importlib.util
-
-    needed = ["videodpo.trainer", "videodpo.parallel", "common.pair_parallel"]
-    if layout.cp > 1:
-        needed.append("common.cp_plans")
-    missing = [name for name in needed if importlib.util.find_spec(name) is None]
-    return ", ".join(missing) or None
-
-
 def _trainer_step(cfg: BenchConfig, layout: Layout, h: int, w: int):
-    """The project's own Reg-DPO step (`videodpo.trainer.build_training_step`)."""
+    """`(step(frames), model_state_bytes())` over the project's Reg-DPO training step,
+    `videodpo.trainer.build_training_step`, with `layout` as its parallel config."""
     import torch
     from diffusers import WanTransformer3DModel
 
@@ -215,71 +197,10 @@ def _trainer_step(cfg: BenchConfig, layout: Layout, h: int, w: int):
     return step, lambda: _model_state_bytes(state.policy, state.reference, state.optimizer)
 
 
-def _bench_step(cfg: BenchConfig, layout: Layout, h: int, w: int):
-    """This tool's own Reg-DPO step (DESIGN.md section 2), for a tree whose trainer cannot
-    run the layout: context parallelism by `common.cp_plans`, activation checkpointing
-    and FSDP over all ranks by `common.fsdp`, pair parallelism by an autograd all-gather
-    of the per-sample errors."""
-    import copy
-
-    import torch
-    import torch.distributed.nn.functional as dist_fn
-    from diffusers import WanTransformer3DModel
-
-    from common.distributed import ParallelDims, build_mesh
-    from common.fsdp import apply_fsdp
-    from videodpo.losses import DiffusionObjective, per_sample_error, reg_dpo_loss
-
-    mesh = build_mesh(ParallelDims(cp=layout.cp, pair=layout.pair))
-    pair_rank = mesh["pair"].get_local_rank()
-    pair_group = mesh["pair"].get_group() if layout.pair == 2 else None
-    torch.manual_seed(cfg.seed)
-    policy = WanTransformer3DModel(**cfg.model.wan_kwargs())
-    reference = copy.deepcopy(policy).requires_grad_(False).eval()
-    if layout.cp > 1:
-        from common.context_parallel import build_cp_groups
-        from common.cp_plans import apply_context_parallel
-
-        groups = build_cp_groups(mesh, ulysses=layout.cp if layout.cp_mode == "ulysses" else 1)
-        apply_context_parallel(policy, groups)
-        apply_context_parallel(reference, groups)
-    apply_fsdp(policy, ac_every=1 if layout.ac else 0)
-    apply_fsdp(reference)
-    optimizer = torch.optim.AdamW(policy.parameters(), lr=cfg.lr)
-    objective = DiffusionObjective("flow_matching")
-    m = cfg.model
-
-    def step(frames: int) -> None:
-        g = torch.Generator().manual_seed(cfg.seed + frames)
-        shape = (1, m.channels, frames, h, w)
-        chosen, rejected, noise = (torch.randn(shape, generator=g) for _ in range(3))
-        text = torch.randn(1, m.text_len, m.text_dim, generator=g)
-        t = torch.rand(1, generator=g) * 1000
-        if layout.pair == 2:  # rank 0 of the pair trains on the preferred video, rank 1 the rejected
-            x0 = chosen if pair_rank == 0 else rejected
-        else:
-            x0, noise, t, text = (torch.cat([chosen, rejected]), torch.cat([noise, noise]),
-                                  torch.cat([t, t]), torch.cat([text, text]))
-        noisy, target = objective.add_noise(x0, noise, t), objective.target(x0, noise, t)
-        with torch.no_grad():
-            e_ref = per_sample_error(reference(noisy, t, text, return_dict=False)[0], target)
-        e_policy = per_sample_error(policy(noisy, t, text, return_dict=False)[0], target)
-        if pair_group is not None:
-            e_policy = torch.cat(dist_fn.all_gather(e_policy, group=pair_group))
-            e_ref = torch.cat(dist_fn.all_gather(e_ref, group=pair_group))
-        loss, _ = reg_dpo_loss(e_policy[:1], e_policy[1:], e_ref[:1], e_ref[1:], beta=cfg.beta,
-                               sft_weight=cfg.sft_weight)
-        # cp ranks each hold their tokens' share of a gradient that FSDP then averages
-        (loss * layout.cp).backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-
-    return step, lambda: _model_state_bytes(policy, reference, optimizer)
-
-
 def estimated_layout(cfg: BenchConfig, layout: Layout) -> Layout:
-    """`layout` as both steps shard it: FSDP over every rank (dp_shard x pair x cp)."""
+    """`layout` as the trainer shards it: FSDP over every rank (dp_shard x pair x cp)."""
     return replace(layout, fsdp_shards=layout.fsdp_shards or cfg.world_size)
+
 
 def _measure_on_rank(cfg: BenchConfig, layout: Layout, frames: int, h: int, w: int) -> dict[str, Any]:
     """Build, warm up at one frame, then measure one step at `frames` (this rank)."""
@@ -290,8 +211,7 @@ def _measure_on_rank(cfg: BenchConfig, layout: Layout, frames: int, h: int, w: i
 
     from common.metrics import current_memory_mb, peak_memory_mb, reset_peak_memory
 
-    kind = step_kind(cfg, layout)
-    step, state_bytes = (_trainer_step if kind == "trainer" else _bench_step)(cfg, layout, h, w)
+    step, state_bytes = _trainer_step(cfg, layout, h, w)
     step(1)  # warm-up: optimizer moments, lazily loaded kernels, allocator pools
     gc.collect()
     dist.barrier()
@@ -307,7 +227,6 @@ def _measure_on_rank(cfg: BenchConfig, layout: Layout, frames: int, h: int, w: i
     step_peak = peak_memory_mb() - baseline
     dist.barrier()
     return {"step_peak": step_peak * MB, "model_state": float(state_bytes()), "step_s": elapsed,
-            "step_kind": kind,
             "method": "cuda_max_allocated" if torch.cuda.is_available() else "cpu_vmhwm"}
 
 
@@ -352,8 +271,8 @@ def _start_forkserver() -> None:
     os.environ["MALLOC_MMAP_THRESHOLD_"] = "65536"
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     std_mp.set_forkserver_preload(
-        ["torch", "torch.distributed", "diffusers.models.transformers.transformer_wan", "common.fsdp",
-         "videodpo.losses", "tools.memory_bench"]
+        ["torch", "torch.distributed", "diffusers.models.transformers.transformer_wan", "videodpo.trainer",
+         "tools.memory_bench"]
     )
 
 
@@ -380,7 +299,7 @@ def measure(cfg: BenchConfig, layout: Layout, frames: int, latent_hw: tuple[int,
         peak_mb_per_rank=peaks, step_peak_mb_per_rank=[r["step_peak"] / MB for r in ranks],
         model_state_mb_per_rank=[r["model_state"] / MB for r in ranks],
         step_s=max(r["step_s"] for r in ranks), estimate_mb=est, error=(est - peak) / peak,
-        method=ranks[0]["method"], step_kind=ranks[0]["step_kind"],
+        method=ranks[0]["method"],
     )
 
 
@@ -652,8 +571,6 @@ def check_config(cfg: BenchConfig, source: str) -> None:
     for key in ("baseline", "combined"):
         if getattr(cfg, key) not in names:
             raise ConfigError(f"{source}: '{key}' is {getattr(cfg, key)!r}, not one of the layouts {names}")
-    if cfg.step not in ("trainer", "bench", "auto"):
-        raise ConfigError(f"{source}: 'step' must be trainer, bench or auto, got {cfg.step!r}")
     for layout in cfg.layouts + cfg.estimate.layouts:
         if layout.pair not in (1, 2) or layout.cp < 1 or layout.cp_mode not in ("ulysses", "ring"):
             raise ConfigError(f"{source}: layout {layout.name!r} needs pair 1 or 2, cp >= 1 and cp_mode "
