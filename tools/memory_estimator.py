@@ -15,7 +15,14 @@ the FFN input and output), two FFN-width vectors (GELU input and output), nine
 normalisation statistics and one log-sum-exp per head per attention. Six of the 22
 hidden-size vectors are fp32 whatever the model dtype (Wan upcasts around its
 `FP32LayerNorm`s and gates). `tests/test_memory_estimator.py` checks these counts
-against `torch.autograd.graph.saved_tensors_hooks` on a tiny model.
+against `torch.autograd.graph.saved_tensors_hooks` on tiny models (exact to the byte).
+
+The working-set terms on top (what the step holds besides saved activations: the
+reference forward, the end of the forward, one recomputed block, context-parallel
+buffers, the ring's score blocks) are read off the code of `videodpo.trainer` and
+`common.context_parallel` and checked against the measured tiny runs, not fitted. The
+ring term is quadratic in the shard length because our ring attends in plain math (it
+must return the log-sum-exp on the CPU); a flash-attention ring would not pay it.
 """
 
 from __future__ import annotations
