@@ -9,7 +9,7 @@ losses are logged through training; the tool writes `study.json`, `study.md` (fi
 best held-out target loss, how much it rose from its best, general loss) and
 `study.png` (curves), whatever the numbers turn out to be.
 
-    python tools/projector_study.py --out runs/projector_study [--seeds 3] [--steps 400]
+    python tools/projector_study.py --out runs/projector_study [--seeds 5] [--steps 400]
 """
 
 from __future__ import annotations
@@ -173,7 +173,7 @@ def write_outputs(results: list[dict], rows: list[dict], args: argparse.Namespac
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--out", default="runs/projector_study")
-    parser.add_argument("--seeds", type=int, default=3)
+    parser.add_argument("--seeds", type=int, default=5)
     parser.add_argument("--steps", type=int, default=400)
     parser.add_argument("--eval-every", type=int, default=10)
     parser.add_argument("--dim", type=int, default=8)
