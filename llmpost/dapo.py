@@ -85,6 +85,13 @@ def policy_token_losses(
     return loss
 
 
+def kl_k3(logp: torch.Tensor, ref_logp: torch.Tensor) -> torch.Tensor:
+    """Per-token KL(pi || pi_ref) estimate "k3": exp(d) - d - 1 with d = ref_logp - logp
+    (non-negative, unbiased for samples from pi; the estimator verl calls `low_var_kl`)."""
+    d = ref_logp - logp
+    return torch.exp(d) - d - 1.0
+
+
 def clipped_tokens(
     logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Tensor,
     eps_low: float = 0.2, eps_high: float = 0.28,

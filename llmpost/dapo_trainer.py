@@ -27,6 +27,7 @@ from llmpost.dapo import (
     clipped_tokens,
     dynamic_sample,
     group_advantages,
+    kl_k3,
     overlong_penalty,
     policy_loss,
 )
@@ -51,6 +52,7 @@ class PolicyBatch:
     old_logprobs: list[list[float]]
     advantages: torch.Tensor  # (B,)
     tasks: list[str]
+    ref_logprobs: list[list[float]] | None = None  # only with a KL term
 
     def __len__(self) -> int:
         return len(self.responses)
@@ -60,6 +62,7 @@ class PolicyBatch:
             [self.prompts[i] for i in index], [self.responses[i] for i in index],
             [self.old_logprobs[i] for i in index], self.advantages[index],
             [self.tasks[i] for i in index],
+            None if self.ref_logprobs is None else [self.ref_logprobs[i] for i in index],
         )
 
 
@@ -101,21 +104,23 @@ def dapo_update(
                 part = batch.select(chunk)
                 if len(part) == 0:  # keep collectives in step: a masked dummy row
                     prompts, responses, old, adv = [[pad_id]], [[pad_id]], [[0.0]], torch.zeros(1)
-                    weight = 0.0
+                    ref, weight = [[0.0]], 0.0
                 else:
                     prompts, responses = part.prompts, part.responses
                     old, adv, weight = part.old_logprobs, part.advantages, 1.0
+                    ref = part.ref_logprobs
                 ids, attn, mask = pack_right_padded(prompts, responses, pad_id)
                 device = next(model.parameters()).device
                 logp, ent = token_logprobs(model, ids.to(device), attn.to(device), temperature,
                                            with_entropy=True)
-                old_t = torch.zeros_like(logp)
-                for b, o in enumerate(old):
-                    idx = mask[b].nonzero().squeeze(-1)[: len(o)]
-                    old_t[b, idx] = torch.tensor(o, dtype=old_t.dtype)
+                old_t = _scatter_tokens(old, mask, logp)
                 mask = mask.to(device) * weight
                 loss = policy_loss(logp, old_t, adv.to(device), mask, cfg.eps_low, cfg.eps_high,
                                    cfg.dual_clip, num_tokens=max(denom, 1.0))
+                if cfg.kl_coef:
+                    ref_t = _scatter_tokens(ref, mask, logp)
+                    kl = (kl_k3(logp, ref_t) * mask).sum() / max(denom, 1.0)
+                    loss = loss + cfg.kl_coef * kl
                 loss.backward()
                 mb_loss += loss.item()
                 if weight:
@@ -129,6 +134,16 @@ def dapo_update(
             optimizer.step()
             losses.append(mb_loss)
     return {"loss": sum(losses) / max(1, len(losses)), "clip_frac": clip_frac, "entropy": entropy}
+
+
+def _scatter_tokens(values: list[list[float]], mask: torch.Tensor, like: torch.Tensor
+                    ) -> torch.Tensor:
+    """Per-response token values placed at the response positions of a `(B, S-1)` tensor."""
+    out = torch.zeros_like(like, requires_grad=False)
+    for b, v in enumerate(values):
+        idx = mask[b].nonzero().squeeze(-1)[: len(v)]
+        out[b, idx.to(out.device)] = torch.tensor(v, dtype=out.dtype, device=out.device)
+    return out
 
 
 def _max_over_ranks(value: int) -> int:
@@ -161,13 +176,17 @@ def train_dapo(
     stop_after: int | None = None,
     on_step: Callable[[int, dict], None] | None = None,
     model_path: str | Path | None = None,
+    reference: torch.nn.Module | None = None,
 ) -> dict[str, float]:
     """Run DAPO for `cfg.steps` steps, resuming from `stage_dir/checkpoints` if present.
 
     With `generation.backend: vllm` (GPU only) responses come from a vLLM engine started
     from `model_path` and refreshed with the policy's weights every step; old log-probs
     are always recomputed by the policy itself, so the ratio starts at exactly 1.
+    `cfg.kl_coef > 0` needs `reference` (a frozen copy of the starting model).
     """
+    if cfg.kl_coef and reference is None:
+        raise ValueError("dapo.kl_coef > 0 needs a reference model")
     stage_dir = Path(stage_dir)
     rank, world = rank_and_world()
     # Sampling RNG from the stage's seed (a resumed run gets it back from the checkpoint).
@@ -177,6 +196,7 @@ def train_dapo(
     start = checkpointer.load(model=model, optimizer=optimizer) or 0
     metrics_log = MetricsLogger(stage_dir, enabled=rank == 0)
     scorer = HFRollout(model, tokenizer, cfg.generation)
+    ref_scorer = HFRollout(reference, tokenizer, cfg.generation) if cfg.kl_coef else None
     rollout = scorer if cfg.generation.backend == "hf" else build_rollout(
         model, tokenizer, cfg.generation, str(model_path) if model_path else None)
     groups_per_rank = max(1, cfg.prompts_per_step // world)
@@ -202,6 +222,8 @@ def train_dapo(
             out = rollout.generate(prompts, cfg.group_size)
             if rollout is not scorer:
                 out.logprobs = scorer.score(out.prompt_ids, out.response_ids)
+            ref_logprobs = (ref_scorer.score(out.prompt_ids, out.response_ids)
+                            if ref_scorer is not None else [None] * len(out.response_ids))
             expanded = [r for r in records for _ in range(cfg.group_size)]
             correct = score_responses(expanded, out.texts, registry)
             shaped = torch.tensor(correct) + overlong_penalty(
@@ -214,7 +236,7 @@ def train_dapo(
                     "record": record, "prompt": out.prompt_ids[sl.start],
                     "responses": out.response_ids[sl], "logprobs": out.logprobs[sl],
                     "lengths": out.lengths[sl], "truncated": out.truncated[sl],
-                    "correct": correct[sl],
+                    "correct": correct[sl], "ref_logprobs": ref_logprobs[sl],
                 }))
             return groups
 
@@ -235,6 +257,8 @@ def train_dapo(
             advantages=(group_advantages(torch.tensor([x for g in kept for x in g.rewards]),
                                          cfg.group_size) if kept else torch.zeros(0)),
             tasks=[g.data["record"].task for g in kept for _ in range(cfg.group_size)],
+            ref_logprobs=([lp for g in kept for lp in g.data["ref_logprobs"]]
+                          if cfg.kl_coef else None),
         )
         if any_rank(len(batch) > 0):
             update = dapo_update(model, optimizer, batch, cfg, tokenizer.pad_token_id)

@@ -147,9 +147,15 @@ def run_stage(cfg: PipelineConfig, stage: int, registry: RewardRegistry | None =
     model = shard_policy(model, cfg.model)
     seed = cfg.seed * 1000 + stage
     chat = cfg.data.chat_kwargs
+    rl_cfg = cfg.stage1 if stage == 1 else cfg.stage3
+    reference = None
+    if stage != 2 and rl_cfg.kl_coef:
+        reference = shard_policy(build_policy(cfg.model, tokenizer, previous), cfg.model)
+        reference.requires_grad_(False)
     if stage == 1:
         train_dapo(model, tokenizer, data["sns_train"], data["general_train"], cfg.stage1,
-                   registry, out, seed, chat, stop_after, model_path=previous)
+                   registry, out, seed, chat, stop_after, model_path=previous,
+                   reference=reference)
     elif stage == 2:
         cap = json.loads((stage_dir(cfg, 1) / "capability_map.json").read_text())
         train_sft(model, tokenizer, data["sns_train"], data["general_train"], cfg.stage2, out,
@@ -159,7 +165,7 @@ def run_stage(cfg: PipelineConfig, stage: int, registry: RewardRegistry | None =
         if cfg.stage3.hard_examples:
             pool = hard_examples(model, tokenizer, cfg, pool, registry)
         train_dapo(model, tokenizer, pool, data["general_train"], cfg.stage3, registry, out,
-                   seed, chat, stop_after, model_path=previous)
+                   seed, chat, stop_after, model_path=previous, reference=reference)
     save_policy(model, tokenizer, out / "model")
     result = evaluate_tasks(model, tokenizer, data["eval"], registry, cfg.eval, chat)
     if stage == 1 and rank_and_world()[0] == 0:

@@ -126,3 +126,12 @@ def test_dynamic_sampling_stops_at_cap(caplog):
     assert calls == [0, 1, 2]  # one normal round + two extra
     assert result.cap_hit and len(result.groups) == 1
     assert "cap of 2 extra rounds hit with 1 of 4" in caplog.text
+
+
+def test_kl_k3_hand_values():
+    from llmpost.dapo import kl_k3
+
+    logp = torch.log(torch.tensor([[0.5, 0.2]]))
+    ref = torch.log(torch.tensor([[0.25, 0.2]]))
+    # d = log(0.25 / 0.5) = -log 2: exp(d) - d - 1 = 0.5 + log 2 - 1; equal probs -> 0
+    torch.testing.assert_close(kl_k3(logp, ref), torch.tensor([[math.log(2) - 0.5, 0.0]]))

@@ -100,3 +100,34 @@ def test_pipeline_on_two_ranks(tmp_path, word_tokenizer):
     results = run_on_ranks(_pipeline_on_rank, 2, cfg)
     assert results[0] == results[1]
     assert (tmp_path / "run" / "stage3" / "model" / "model.safetensors").exists()
+
+
+def test_kl_term_alone_gives_the_k3_gradient():
+    """With zero advantages the policy term has no gradient; the update is the KL's."""
+    from dataclasses import replace
+
+    from llmpost.dapo import kl_k3
+
+    torch.manual_seed(0)
+    model = _model()
+    batch = _batch(model, 4, seed=3)
+    batch.advantages = torch.zeros(4)
+    gen = torch.Generator().manual_seed(1)
+    batch.ref_logprobs = [[x + float(torch.randn(1, generator=gen)) * 0.3 for x in o]
+                          for o in batch.old_logprobs]
+    reference = _model()
+    reference.load_state_dict(model.state_dict())
+    cfg = replace(_cfg(), epochs=1, mini_batches=1, micro_batch_size=0, grad_clip=0.0,
+                  kl_coef=0.5)
+    dapo_update(model, torch.optim.SGD(model.parameters(), lr=0.1), batch, cfg, PAD)
+
+    ids, attn, mask = pack_right_padded(batch.prompts, batch.responses, PAD)
+    logp, _ = token_logprobs(reference, ids, attn)
+    ref = torch.zeros_like(logp)
+    for b, r in enumerate(batch.ref_logprobs):
+        ref[b, mask[b].nonzero().squeeze(-1)] = torch.tensor(r)
+    loss = 0.5 * (kl_k3(logp, ref) * mask).sum() / mask.sum()
+    loss.backward()
+    torch.optim.SGD(reference.parameters(), lr=0.1).step()
+    for (name, p), q in zip(model.named_parameters(), reference.parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-7, msg=name)

@@ -47,6 +47,7 @@ def _config(assets, run_dir):
                           mini_batches=2, max_extra_rounds=1, overlong_buffer=2, generation=gen),
         stage2=SftConfig(steps=4, batch_size=8, lr=1e-2, general_fraction=0.25, save_every=2),
         stage3=DapoConfig(steps=2, prompts_per_step=6, group_size=4, lr=1e-2, save_every=1,
+                          kl_coef=0.1,
                           hard_examples=True, hard_probe_per_task=3, generation=gen),
         eval=EvalConfig(per_task=3, max_new_tokens=5),
     )
