@@ -19,7 +19,7 @@ from llmpost.policy import rank_and_world
 from llmpost.rewards import RewardRegistry, default_registry
 from llmpost.rollout import GenerationConfig, HFRollout
 
-HELP = "per-task scores, SNS average and general average of a model"
+HELP = "per-task scores, SNS and general averages, and the capability map of a model"
 
 
 def eval_records(records: list[TaskRecord], per_task: int) -> list[TaskRecord]:
@@ -109,9 +109,14 @@ def run(args: argparse.Namespace) -> int:
     result = evaluate_model(cfg, model_dir, tokenizer, records, default_registry())
     out = Path(args.out) if args.out else Path(cfg.run_dir) / "eval.json"
     if rank_and_world()[0] == 0:
+        from llmpost.diagnose import capability_map, write_capability_map
+
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(json.dumps(result, indent=2))
+        cap = capability_map(result, cfg.diagnose)
+        write_capability_map(cap, out.parent)
         print(f"model: {model_dir}")
         print(format_scores(result))
-        print(f"scores written to {out}")
+        print(f"weak SNS tasks (threshold {cfg.diagnose.threshold}): {', '.join(cap['weak']) or 'none'}")
+        print(f"scores written to {out}; capability map to {out.parent / 'capability_map.json'}")
     return 0

@@ -90,6 +90,7 @@ def test_pipeline_end_to_end_through_the_cli(assets, tmp_path, capsys):
     stage3 = json.loads((stage_dir(cfg, 3) / "eval.json").read_text())
     again = json.loads((tmp_path / "run" / "eval.json").read_text())
     assert again["tasks"] == stage3["tasks"]
+    assert (tmp_path / "run" / "capability_map.png").exists() and "weak SNS tasks" in printed
 
 
 def test_stage_needs_the_previous_one(assets, tmp_path, capsys):
