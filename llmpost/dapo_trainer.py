@@ -181,8 +181,9 @@ def train_dapo(
     """Run DAPO for `cfg.steps` steps, resuming from `stage_dir/checkpoints` if present.
 
     With `generation.backend: vllm` (GPU only) responses come from a vLLM engine started
-    from `model_path` and refreshed with the policy's weights every step; old log-probs
-    are always recomputed by the policy itself, so the ratio starts at exactly 1.
+    from `model_path` and refreshed with the policy's weights every step, and the old
+    log-probs are recomputed by the policy itself. With `hf` they come from the logits
+    `generate` computed (or a fresh forward with `generation.recompute_logprobs`).
     `cfg.kl_coef > 0` needs `reference` (a frozen copy of the starting model).
     """
     if cfg.kl_coef and reference is None:
