@@ -408,7 +408,7 @@ def estimate_table(cfg: EstimateConfig) -> list[dict[str, Any]]:
 
 def format_measured_table(cfg: BenchConfig, capacities: dict[str, dict[str, Any]],
                           measurements: list[Measurement], budget: float) -> str:
-    lines = [f"Measured on {cfg.world_size} ranks, budget {budget:.0f} MiB per rank "
+    lines = [f"Measured on {cfg.world_size} ranks, budget {budget:g} MiB per rank "
              f"(peak = step peak above baseline + model state)",
              f"{'layout':<18}{'ac':>4}{'cp':>10}{'pair':>6}{'max frames':>12}{'video fr':>10}"
              f"{'peak MiB':>10}{'est MiB':>9}{'err':>8}{'step s':>8}"]
@@ -462,7 +462,7 @@ def plot_capacity(cfg: BenchConfig, measurements: list[Measurement], budget: flo
             est_layout = estimated_layout(cfg, layout)
             est = [estimate_peak(dims, est_layout, f, hw, cfg.world_size).peak / MB for f in grid]
             ax.plot(grid, est, ":", color=color, alpha=0.6)
-    ax.axhline(budget, color="k", linestyle="--", label=f"budget {budget:.0f} MiB")
+    ax.axhline(budget, color="k", linestyle="--", label=f"budget {budget:g} MiB")
     ax.set_xlabel("latent frames")
     ax.set_ylabel("per-rank peak memory (MiB)")
     ax.set_title(f"Reg-DPO step, tiny Wan T2V, {cfg.world_size} ranks (dotted: estimator)")
