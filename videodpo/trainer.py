@@ -148,11 +148,14 @@ class PairLoader:
         while len(items) < self.batch_size:
             index = next(self.sampler)
             self.seen += 1
-            try:
+            if hasattr(self.dataset, "bad"):  # videodpo.data datasets skip, count and abort themselves
                 item = self.dataset[index]
-            except DataError as err:
-                logger.warning("skipping pair %d: %s", index, err)
-                item = None
+            else:
+                try:
+                    item = self.dataset[index]
+                except DataError as err:
+                    logger.warning("skipping pair %d: %s", index, err)
+                    item = None
             if item is None:
                 self.skipped += 1
                 if self.skipped > max(1, self.max_bad_fraction * len(self.dataset)):

@@ -154,6 +154,9 @@ def test_corrupt_manifest_row_is_skipped_and_counted(tmp_path):
     result = train(cfg, adapter=_adapter())
     assert result.steps == 3
     assert result.skipped_rows == 2  # the missing clip and the broken JSON line
+    cfg.data.max_bad_row_fraction, cfg.out_dir = 0.1, str(tmp_path / "strict")
+    with pytest.raises(UserError):  # 2 of 5 rows bad is more than 10%: the run stops
+        train(cfg, adapter=_adapter())
 
 
 def _train_layout(rank, world_size, out_dir, pair, cp, cp_mode):
