@@ -53,3 +53,13 @@ def test_lora_export_loads_into_pipeline_and_changes_output(tmp_path):
     # the loaded LoRA is the trained one: the pipeline matches the trained transformer
     trained = WanPipeline.from_pretrained(model_dir, transformer=adapter.transformer)
     torch.testing.assert_close(_run(trained), after, rtol=1e-5, atol=1e-6)
+
+    # `videodpo sample` finds the run's LoRA export and applies it to model.path
+    from videodpo.sample import load_for_sampling
+
+    cfg.sample.checkpoint = ""
+    sampled = load_for_sampling(cfg)
+    x, t, text = torch.randn(1, 16, 2, 4, 4), torch.tensor([500.0]), torch.randn(1, 8, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(sampled.transformer(x, t, text, return_dict=False)[0],
+                                   adapter.transformer(x, t, text, return_dict=False)[0])
