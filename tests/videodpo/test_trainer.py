@@ -242,3 +242,47 @@ def test_validation_every_n_steps_writes_clips_sheet_and_pair_metrics(tmp_path):
     logged = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     val = [r for r in logged if "val/dpo_accuracy" in r]
     assert len(val) == 1 and 0.0 <= val[0]["val/dpo_accuracy"] <= 1.0 and val[0]["val/sft_error"] > 0
+
+
+def test_training_from_the_latent_cache_equals_training_from_clips(tmp_path):
+    from videodpo.data.latent_cache import PrecomputeConfig, precompute
+    from videodpo.data.manifest import write_manifest
+    from videodpo.data.video_io import write_video
+
+    model_dir = _adapter().save_pretrained(tmp_path / "model")
+    rows = []
+    for i, item in enumerate(PairList(n=4).items):
+        rows.append({"chosen": str(write_video(tmp_path / f"c{i}.mp4", item["chosen"])),
+                     "rejected": str(write_video(tmp_path / f"r{i}.mp4", item["rejected"])),
+                     "caption": item["caption"]})
+    manifest = write_manifest(tmp_path / "pairs.jsonl", rows)
+    precompute(PrecomputeConfig(manifest=str(manifest), model=str(model_dir), out_dir=str(tmp_path / "cache")))
+    finals = []
+    for source in ("manifest", "cache"):
+        cfg = _cfg(tmp_path / source, steps=2)
+        cfg.model.path = str(model_dir)
+        if source == "manifest":
+            cfg.data.manifest = str(manifest)
+        else:
+            cfg.data.latent_cache = str(tmp_path / "cache")
+        result = train(cfg)
+        finals.append((result.history, load_adapter(result.export_dir).transformer))
+    assert [h["loss"] for h in finals[0][0]] == pytest.approx([h["loss"] for h in finals[1][0]], rel=1e-5)
+    for (name, p), (_, q) in zip(finals[0][1].named_parameters(), finals[1][1].named_parameters()):
+        torch.testing.assert_close(p, q, rtol=0, atol=1e-5, msg=name)
+
+
+def test_activation_checkpointing_leaves_the_step_unchanged(tmp_path):
+    from videodpo.trainer import build_training_step, random_pair_batch
+
+    results = []
+    for every in (0, 1):
+        cfg = _cfg(tmp_path, steps=2)
+        cfg.parallel.activation_checkpointing = every
+        adapter = _adapter()
+        step_fn, state = build_training_step(cfg, adapter)
+        metrics = step_fn(random_pair_batch(adapter, 2, 4, 8, 8, seed=5))
+        results.append((metrics["loss"], {n: p.grad.clone() for n, p in state.policy.named_parameters()}))
+    assert results[0][0] == pytest.approx(results[1][0], rel=1e-6)
+    for name, g in results[0][1].items():
+        torch.testing.assert_close(results[1][1][name], g, msg=name)
