@@ -410,18 +410,18 @@ def format_measured_table(cfg: BenchConfig, capacities: dict[str, dict[str, Any]
                           measurements: list[Measurement], budget: float) -> str:
     lines = [f"Measured on {cfg.world_size} ranks, budget {budget:g} MiB per rank "
              f"(peak = step peak above baseline + model state)",
-             f"{'layout':<18}{'ac':>4}{'cp':>10}{'pair':>6}{'max frames':>12}{'video fr':>10}"
+             f"{'layout':<26}{'ac':>4}{'cp':>10}{'pair':>6}{'max frames':>12}{'video fr':>10}"
              f"{'peak MiB':>10}{'est MiB':>9}{'err':>8}{'step s':>8}"]
-    for name, cap in capacities.items():
+    for key, cap in capacities.items():
         layout = cap["layout"]
-        at = [m for m in measurements if m.layout == name and m.frames == cap["max_frames"]
+        at = [m for m in measurements if m.layout == layout["name"] and m.frames == cap["max_frames"]
               and [m.latent_h, m.latent_w] == cap["latent"]]
         m = at[0] if at else None
         cp = f"{layout['cp']}{'/' + layout['cp_mode'] if layout['cp'] > 1 else ''}"
         frames = f"{cap['max_frames']}{'+' if cap['capped'] else ''}" if cap["max_frames"] is not None else "n/a"
         vf = str(video_frames(cap["max_frames"])) if cap["max_frames"] else "-"
         lines.append(
-            f"{name:<18}{'yes' if layout['ac'] else 'no':>4}{cp:>10}{layout['pair']:>6}{frames:>12}{vf:>10}"
+            f"{key:<26}{'yes' if layout['ac'] else 'no':>4}{cp:>10}{layout['pair']:>6}{frames:>12}{vf:>10}"
             + (f"{m.peak_mb:>10.1f}{m.estimate_mb:>9.1f}{100 * m.error:>7.1f}%{m.step_s:>8.2f}" if m else
                f"{'-':>10}{'-':>9}{'-':>8}{'-':>8}  {cap.get('note', '')}")
         )
