@@ -454,10 +454,10 @@ def plot_capacity(cfg: BenchConfig, measurements: list[Measurement], budget: flo
         if not points:
             continue
         color = f"C{i}"
-        for hw in sorted({p[2] for p in points}):
+        for j, hw in enumerate(sorted({p[2] for p in points})):
             xs = [p[0] for p in points if p[2] == hw]
             ys = [p[1] for p in points if p[2] == hw]
-            ax.plot(xs, ys, "o-", color=color, label=f"{layout.name} {hw[0]}x{hw[1]}")
+            ax.plot(xs, ys, "os^D"[j % 4] + "-", color=color, label=f"{layout.name} {hw[0]}x{hw[1]}")
             grid = list(range(1, max(xs) + 1))
             est_layout = estimated_layout(cfg, layout)
             est = [estimate_peak(dims, est_layout, f, hw, cfg.world_size).peak / MB for f in grid]
