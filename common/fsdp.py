@@ -66,6 +66,12 @@ def apply_activation_checkpointing(
     """Recompute every `every`-th block in backward instead of keeping its activations."""
     if every < 1:
         return 0
+    config = getattr(model, "config", None)
+    if getattr(config, "use_cache", False):
+        # A KV cache filled in forward would be filled again by the recomputation
+        # (keys twice as long as queries); transformers turns it off the same way.
+        config.use_cache = False
+        logger.info("activation checkpointing: use_cache turned off")
     count = 0
     for i, block in enumerate(find_blocks(model, block_types)):
         if i % every or getattr(block, "_activation_checkpointed", False):

@@ -113,3 +113,15 @@ def test_fsdp_bf16_params_fp32_reduce():
     for loss, grad_dtypes, param_dtypes in run_on_ranks(_bf16_worker, 2):
         assert grad_dtypes == {torch.float32} and param_dtypes == {torch.float32}
         assert loss != ref and abs(loss - ref) < 0.05 * abs(ref)  # computed in bf16, close
+
+
+def test_activation_checkpointing_with_padding_mask_on_a_causal_lm():
+    ids = tiny.qwen_batch(2)
+    mask = torch.ones_like(ids)
+    mask[0, :3] = 0  # left padding
+    plain, ckpt = tiny.tiny_qwen3(), tiny.tiny_qwen3()
+    apply_activation_checkpointing(ckpt)
+    for model in (plain, ckpt):
+        model(input_ids=ids, attention_mask=mask).logits[mask.bool()].sum().backward()
+    for (name, p), q in zip(plain.named_parameters(), ckpt.parameters()):
+        assert torch.allclose(p.grad, q.grad, rtol=1e-5, atol=1e-7), name
