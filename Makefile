@@ -3,7 +3,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 export OMP_NUM_THREADS ?= 1
 
-.PHONY: setup demo test test-all lint
+.PHONY: setup demo test test-fast lint
 
 $(VENV)/.installed: pyproject.toml tools/setup_env.sh
 	bash tools/setup_env.sh
@@ -17,8 +17,10 @@ demo: setup
 lint: setup
 	$(VENV)/bin/ruff check .
 
+# Everything, the multi-rank and end-to-end tests marked `slow` included (what CI runs).
 test: lint
-	$(PY) -m pytest -q -m "not slow"
-
-test-all: lint
 	$(PY) -m pytest -q
+
+# The quick loop while developing: leaves out the tests marked `slow`.
+test-fast: lint
+	$(PY) -m pytest -q -m "not slow"
