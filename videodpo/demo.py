@@ -51,6 +51,7 @@ class DemoConfig:
     sample_steps: int = 16
     num_layers: int = 4
     num_heads: int = 4
+    head_dim: int = 16
     patch_size: tuple[int, int, int] = (1, 4, 4)
     task: str = "t2v"  # or "i2v": the base also sees the real clip's first frame
     seed: int = 0
@@ -87,8 +88,8 @@ def run_demo(out_dir: str | Path, demo: DemoConfig | None = None) -> dict:
     # 2. the base model
     logger.info("training the base model (%d steps)", demo.base_steps)
     adapter = build_pixel_adapter("wan", demo.task, seed=demo.seed, height=h, width=w, num_frames=f,
-                                  num_layers=demo.num_layers, num_heads=demo.num_heads, head_dim=16,
-                                  ffn_dim=demo.num_heads * 32, patch_size=demo.patch_size)
+                                  num_layers=demo.num_layers, num_heads=demo.num_heads, head_dim=demo.head_dim,
+                                  ffn_dim=2 * demo.num_heads * demo.head_dim, patch_size=demo.patch_size)
     base_cfg = _run_cfg(out / "base", "sft", demo.base_steps, demo.base_lr, demo.batch_size, demo)
     base_run = train(base_cfg, dataset=_items(base_clips, base_clips, caps[:n_base]), adapter=adapter)
     base_dir = base_run.export_dir

@@ -56,6 +56,20 @@ def test_sampling_is_deterministic_by_seed():
     assert torch.equal(render_clip(a[0]), render_clip(b[0]))
 
 
+@pytest.mark.parametrize("bounce_prob", [0.0, 1.0])
+def test_start_grid_aligns_the_shape_with_patches(bounce_prob):
+    world = WorldConfig(shape_size=4, start_grid=4, bounce_prob=bounce_prob, shapes=("square",),
+                        speeds=("fast",))
+    records = sample_records(world, 200, seed=0)
+    corners = {(r.x - 2, r.y - 2) for r in records}
+    assert corners == {(float(x), float(y)) for x in (0, 4, 8, 12) for y in (0, 4, 8, 12)}
+    for r in records:  # a shape on the grid stepping a whole patch stays on the grid
+        clip = (render_clip(r) + 1) / 2
+        for frame in clip.unbind(1):
+            mass = frame.amax(0).view(4, 4, 4, 4).sum((1, 3))  # pixels per 4x4 patch
+            assert sorted(mass[mass > 0].tolist()) == [16.0]
+
+
 def test_render_values_and_shape():
     r = _record(colour="yellow")
     clip = render_clip(r)

@@ -74,6 +74,7 @@ class WorldConfig:
     speeds: tuple[str, ...] = SPEEDS
     bounce_prob: float = 0.0
     fps: float = 8.0
+    start_grid: int = 1  # the shape's top-left corner starts on multiples of this many pixels
 
     def step_of(self, speed: str) -> int:
         return {"slow": self.slow_step, "fast": self.fast_step}[speed]
@@ -198,12 +199,16 @@ def render_clip(record: ClipRecord) -> torch.Tensor:
 
 
 def _start_positions(world: WorldConfig, bounce: bool, length: int) -> list[float]:
-    """Centres on the pixel grid: whole for even sizes, half for odd ones."""
+    """Centres on the pixel grid (whole for even sizes, half for odd ones) whose shape's
+    top-left corner lies on a multiple of `world.start_grid` pixels."""
     offset = 0.5 * (world.shape_size % 2)
-    if not bounce:
-        return [k + offset for k in range(length)]
     half = world.shape_size / 2
-    return [k + offset for k in range(length + 1) if half <= k + offset <= length - half]
+    centres = [k + offset for k in range(length + 1)]
+    if not bounce:
+        centres = [c for c in centres if c < length]
+    else:
+        centres = [c for c in centres if half <= c <= length - half]
+    return [c for c in centres if (c - half) % world.start_grid == 0]
 
 
 def sample_records(world: WorldConfig, num_clips: int, seed: int) -> list[ClipRecord]:
