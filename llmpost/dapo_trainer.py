@@ -19,8 +19,7 @@ from typing import Any
 
 import torch
 
-from common.checkpoint import Checkpointer
-from common.metrics import MetricsLogger, progress
+from common.metrics import progress
 from llmpost.config import DapoConfig
 from llmpost.dapo import (
     SampledGroup,
@@ -32,7 +31,7 @@ from llmpost.dapo import (
     policy_loss,
 )
 from llmpost.data import TaskRecord, encode_prompt, mix
-from llmpost.policy import any_rank, global_sum, rank_and_world
+from llmpost.policy import any_rank, global_sum, rank_and_world, start_stage
 from llmpost.rewards import RewardRegistry
 from llmpost.rollout import HFRollout, build_rollout, pack_right_padded, token_logprobs
 
@@ -190,12 +189,8 @@ def train_dapo(
         raise ValueError("dapo.kl_coef > 0 needs a reference model")
     stage_dir = Path(stage_dir)
     rank, world = rank_and_world()
-    # Sampling RNG from the stage's seed (a resumed run gets it back from the checkpoint).
-    torch.manual_seed(seed + 7919 * rank)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    checkpointer = Checkpointer(stage_dir / "checkpoints")
-    start = checkpointer.load(model=model, optimizer=optimizer) or 0
-    metrics_log = MetricsLogger(stage_dir, enabled=rank == 0)
+    run = start_stage(model, cfg.lr, cfg.weight_decay, stage_dir, seed)
+    optimizer, checkpointer, metrics_log, start = run.optimizer, run.checkpointer, run.metrics_log, run.start
     scorer = HFRollout(model, tokenizer, cfg.generation)
     ref_scorer = HFRollout(reference, tokenizer, cfg.generation) if cfg.kl_coef else None
     rollout = scorer if cfg.generation.backend == "hf" else build_rollout(

@@ -4,13 +4,16 @@ cross-rank reductions the trainers need (token counts, "does any rank need more"
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 import torch.distributed as dist
 
+from common.checkpoint import Checkpointer
 from common.fsdp import apply_fsdp, full_state_dict
+from common.metrics import MetricsLogger
 from llmpost.config import ModelConfig
 from llmpost.model import load_model, tiny_qwen3
 
@@ -19,6 +22,27 @@ def rank_and_world() -> tuple[int, int]:
     if dist.is_initialized():
         return dist.get_rank(), dist.get_world_size()
     return 0, 1
+
+
+@dataclass
+class StageRun:
+    """What a training stage needs to run and resume: optimizer, checkpoints, log, step."""
+
+    optimizer: torch.optim.Optimizer
+    checkpointer: Checkpointer
+    metrics_log: MetricsLogger
+    start: int
+
+
+def start_stage(model: torch.nn.Module, lr: float, weight_decay: float, stage_dir: Path, seed: int) -> StageRun:
+    """Seed, build AdamW and resume from `stage_dir/checkpoints` if a checkpoint is there."""
+    rank, _ = rank_and_world()
+    # Sampling RNG from the stage's seed (a resumed run gets it back from the checkpoint).
+    torch.manual_seed(seed + 7919 * rank)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
+    checkpointer = Checkpointer(stage_dir / "checkpoints")
+    start = checkpointer.load(model=model, optimizer=optimizer) or 0
+    return StageRun(optimizer, checkpointer, MetricsLogger(stage_dir, enabled=rank == 0), start)
 
 
 def global_sum(value: float) -> float:

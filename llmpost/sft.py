@@ -20,13 +20,12 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from common.checkpoint import Checkpointer
-from common.metrics import MetricsLogger, progress
+from common.metrics import progress
 from common.regularizer import DataRegularizer
 from llmpost.config import SftConfig
 from llmpost.dapo_trainer import StageInterrupted
 from llmpost.data import TaskRecord, encode_prompt, encode_response, mix, sample_weighted
-from llmpost.policy import global_sum, rank_and_world
+from llmpost.policy import global_sum, rank_and_world, start_stage
 
 logger = logging.getLogger(__name__)
 
@@ -127,12 +126,8 @@ def train_sft(
         raise ValueError("sft.general_mode 'projector' needs general data (data.general_train)")
     stage_dir = Path(stage_dir)
     rank, _ = rank_and_world()
-    # Sampling RNG from the stage's seed (a resumed run gets it back from the checkpoint).
-    torch.manual_seed(seed + 7919 * rank)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    checkpointer = Checkpointer(stage_dir / "checkpoints")
-    start = checkpointer.load(model=model, optimizer=optimizer) or 0
-    metrics_log = MetricsLogger(stage_dir, enabled=rank == 0)
+    run = start_stage(model, cfg.lr, cfg.weight_decay, stage_dir, seed)
+    optimizer, checkpointer, metrics_log, start = run.optimizer, run.checkpointer, run.metrics_log, run.start
     cache: dict[str, tuple[list[int], list[int]]] = {}
     last: dict[str, float] = {}
     model.train()
