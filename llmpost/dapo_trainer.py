@@ -38,10 +38,6 @@ from llmpost.rollout import HFRollout, build_rollout, pack_right_padded, token_l
 logger = logging.getLogger(__name__)
 
 
-class StageInterrupted(RuntimeError):
-    """Raised by the `stop_after` test hook, as if the process had been killed."""
-
-
 @dataclass
 class PolicyBatch:
     """Sequences of one update, consecutive groups; old log-probs per response token."""
@@ -190,7 +186,7 @@ def train_dapo(
     stage_dir = Path(stage_dir)
     rank, world = rank_and_world()
     run = start_stage(model, cfg.lr, cfg.weight_decay, stage_dir, seed)
-    optimizer, checkpointer, metrics_log, start = run.optimizer, run.checkpointer, run.metrics_log, run.start
+    optimizer, start = run.optimizer, run.start
     scorer = HFRollout(model, tokenizer, cfg.generation)
     ref_scorer = HFRollout(reference, tokenizer, cfg.generation) if cfg.kl_coef else None
     rollout = scorer if cfg.generation.backend == "hf" else build_rollout(
@@ -266,20 +262,14 @@ def train_dapo(
         metrics.update(sampling)
         metrics.update(step_time_s=time.perf_counter() - t0,
                        tokens_per_s=generated_tokens / max(1e-9, time.perf_counter() - t0))
-        metrics_log.log(step + 1, metrics)
+        run.metrics_log.log(step + 1, metrics)
         bar.update(1)
         bar.set_postfix(acc=f"{metrics.get('accuracy', 0):.2f}", kept=f"{metrics.get('kept_share', 0):.2f}")
         if on_step is not None:
             on_step(step + 1, metrics)
         last = metrics
-        if (step + 1) % cfg.save_every == 0 or step + 1 == cfg.steps:
-            checkpointer.save(step + 1, model=model, optimizer=optimizer)
-        if stop_after is not None and step + 1 == stop_after:
-            metrics_log.close()
-            bar.close()
-            raise StageInterrupted(f"stopped after step {step + 1} (test hook)")
-    metrics_log.close()
-    bar.close()
+        run.end_step(model, step + 1, cfg.save_every, cfg.steps, stop_after, bar)
+    run.close(bar)
     return last
 
 

@@ -24,6 +24,10 @@ def rank_and_world() -> tuple[int, int]:
     return 0, 1
 
 
+class StageInterrupted(RuntimeError):
+    """Raised by the `stop_after` test hook, as if the process had been killed."""
+
+
 @dataclass
 class StageRun:
     """What a training stage needs to run and resume: optimizer, checkpoints, log, step."""
@@ -32,6 +36,19 @@ class StageRun:
     checkpointer: Checkpointer
     metrics_log: MetricsLogger
     start: int
+
+    def end_step(self, model: torch.nn.Module, step: int, save_every: int, total: int,
+                 stop_after: int | None, bar: Any) -> None:
+        """After 1-based `step`: checkpoint on schedule and at the end; honour the test hook."""
+        if step % save_every == 0 or step == total:
+            self.checkpointer.save(step, model=model, optimizer=self.optimizer)
+        if stop_after is not None and step == stop_after:
+            self.close(bar)
+            raise StageInterrupted(f"stopped after step {step} (test hook)")
+
+    def close(self, bar: Any) -> None:
+        self.metrics_log.close()
+        bar.close()
 
 
 def start_stage(model: torch.nn.Module, lr: float, weight_decay: float, stage_dir: Path, seed: int) -> StageRun:

@@ -23,7 +23,6 @@ import torch.nn.functional as F
 from common.metrics import progress
 from common.regularizer import DataRegularizer
 from llmpost.config import SftConfig
-from llmpost.dapo_trainer import StageInterrupted
 from llmpost.data import TaskRecord, encode_prompt, encode_response, mix, sample_weighted
 from llmpost.policy import global_sum, rank_and_world, start_stage
 
@@ -127,7 +126,7 @@ def train_sft(
     stage_dir = Path(stage_dir)
     rank, _ = rank_and_world()
     run = start_stage(model, cfg.lr, cfg.weight_decay, stage_dir, seed)
-    optimizer, checkpointer, metrics_log, start = run.optimizer, run.checkpointer, run.metrics_log, run.start
+    optimizer, start = run.optimizer, run.start
     cache: dict[str, tuple[list[int], list[int]]] = {}
     last: dict[str, float] = {}
     model.train()
@@ -149,19 +148,13 @@ def train_sft(
             last = _mix_step(model, optimizer, examples_of, target, general, cfg,
                              tokenizer.pad_token_id, random.Random(f"{seed}/sft/{step}/{rank}"),
                              task_weights)
-        metrics_log.log(step + 1, last)
+        run.metrics_log.log(step + 1, last)
         bar.update(1)
         bar.set_postfix(loss=f"{last['loss']:.3f}")
         if on_step is not None:
             on_step(step + 1, last)
-        if (step + 1) % cfg.save_every == 0 or step + 1 == cfg.steps:
-            checkpointer.save(step + 1, model=model, optimizer=optimizer)
-        if stop_after is not None and step + 1 == stop_after:
-            metrics_log.close()
-            bar.close()
-            raise StageInterrupted(f"stopped after step {step + 1} (test hook)")
-    metrics_log.close()
-    bar.close()
+        run.end_step(model, step + 1, cfg.save_every, cfg.steps, stop_after, bar)
+    run.close(bar)
     return last
 
 

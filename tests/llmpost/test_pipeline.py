@@ -19,8 +19,8 @@ from llmpost.config import (
     SftConfig,
     TinyModelConfig,
 )
-from llmpost.dapo_trainer import StageInterrupted
 from llmpost.pipeline import run_stage, stage_dir
+from llmpost.policy import StageInterrupted
 from llmpost.rollout import GenerationConfig
 from llmpost.tasks import write_suite
 
