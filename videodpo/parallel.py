@@ -33,7 +33,6 @@ class ParallelLayout:
     cp_size: int = 1
     mesh: Any = None
     fsdp: bool = False  # set by parallelize: gradients are reduced by FSDP
-    grad_scale: float = 1.0  # loss multiplier for backward (see parallelize)
 
     @property
     def is_main(self) -> bool:
@@ -56,15 +55,14 @@ class ParallelLayout:
             apply_context_parallel(model, build_cp_groups(self.mesh, ulysses=ulysses))
         ac_every = cfg.activation_checkpointing if trainable else 0
         if self.sharded(cfg):
-            from common.pair_parallel import data_parallel_size, fsdp_mesh
+            from common.pair_parallel import fsdp_mesh, set_fsdp_gradient_reduction
 
-            # The pair and cp ranks each hold a share of one sample's gradient: FSDP
-            # averages over dp_shard x pair x cp, so the loss is scaled by pair x cp
-            # (`grad_scale`) to make that a sum over shares and a mean over data ranks.
-            # (A gradient divide factor would do the same, but gloo has no PREMUL_SUM.)
+            # The pair and cp ranks each hold a share of one sample's gradient: FSDP's
+            # reduction becomes a sum over those shares and a mean over data ranks.
             apply_fsdp(model, mesh=fsdp_mesh(self.mesh), param_dtype=cfg.param_dtype or None,
                        cpu_offload=cfg.reference_cpu_offload and not trainable, ac_every=ac_every)
-            self.grad_scale = float(fsdp_mesh(self.mesh).size() // data_parallel_size(self.mesh))
+            if trainable:
+                set_fsdp_gradient_reduction(model, self.mesh)
         else:
             if ac_every:
                 apply_activation_checkpointing(model, ac_every)

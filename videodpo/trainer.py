@@ -343,7 +343,7 @@ def training_step(state: TrainingState, batches: list[PairBatch]) -> dict[str, f
         loss, metrics = reg_dpo_loss(pw, pl, rw, rl, beta=cfg.loss.beta, sft_weight=sft_w, dpo_weight=dpo_w)
         finite = finite and math.isfinite(metrics["loss"])
         if finite:
-            (loss * (state.layout.grad_scale / len(batches))).backward()
+            (loss / len(batches)).backward()
         for k, v in metrics.items():
             sums[k] = sums.get(k, 0.0) + v / len(batches)
     state.layout.reduce_gradients(state.policy)
