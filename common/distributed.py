@@ -58,6 +58,26 @@ def world_size() -> int:
     return dist.get_world_size() if dist.is_initialized() else 1
 
 
+def collective_device(group: dist.ProcessGroup | None = None) -> torch.device:
+    """Where a tensor must live for a collective on `group`: the current CUDA device
+    under NCCL, the CPU under gloo (or with no process group)."""
+    if dist.is_initialized() and dist.get_backend(group) == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def all_reduce_values(
+    values: torch.Tensor, op: dist.ReduceOp.RedOpType = dist.ReduceOp.SUM, group: dist.ProcessGroup | None = None
+) -> torch.Tensor:
+    """`values` reduced over `group`, on the device they came from; NCCL needs them on
+    the GPU, so bookkeeping tensors made on the CPU travel there and back."""
+    if not dist.is_initialized():
+        return values
+    t = values.to(collective_device(group))
+    dist.all_reduce(t, op=op, group=group)
+    return t.to(values.device)
+
+
 def barrier() -> None:
     if dist.is_initialized():
         dist.barrier()

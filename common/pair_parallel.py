@@ -30,6 +30,8 @@ import torch.distributed as dist
 from torch.distributed import ProcessGroup
 from torch.distributed.device_mesh import DeviceMesh
 
+from common.distributed import collective_device
+
 __all__ = [
     "PairGroup",
     "data_parallel_size",
@@ -137,8 +139,7 @@ def shared_generator(
 ) -> torch.Generator:
     """A generator seeded alike on every rank of `group` (the seed of its first rank)."""
     if group is not None and dist.get_world_size(group) > 1:
-        comm_device = "cuda" if dist.get_backend(group) == "nccl" else "cpu"
-        value = torch.tensor([seed], dtype=torch.int64, device=comm_device)
+        value = torch.tensor([seed], dtype=torch.int64, device=collective_device(group))
         dist.broadcast(value, src=dist.get_global_rank(group, 0), group=group)
         seed = int(value.item())
     return torch.Generator(device).manual_seed(seed)

@@ -144,11 +144,9 @@ def _scatter_tokens(values: list[list[float]], mask: torch.Tensor, like: torch.T
 def _max_over_ranks(value: int) -> int:
     import torch.distributed as dist
 
-    if not dist.is_initialized():
-        return value
-    t = torch.tensor([value])
-    dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    return int(t.item())
+    from common.distributed import all_reduce_values
+
+    return int(all_reduce_values(torch.tensor([value]), op=dist.ReduceOp.MAX).item())
 
 
 def score_responses(

@@ -12,6 +12,7 @@ import torch
 import torch.distributed as dist
 
 from common.checkpoint import Checkpointer
+from common.distributed import all_reduce_values
 from common.fsdp import apply_fsdp, full_state_dict
 from common.metrics import MetricsLogger
 from llmpost.config import ModelConfig
@@ -64,11 +65,7 @@ def start_stage(model: torch.nn.Module, lr: float, weight_decay: float, stage_di
 
 def global_sum(value: float) -> float:
     """Sum of a float over all ranks (the value itself on one process)."""
-    if not dist.is_initialized():
-        return float(value)
-    t = torch.tensor([float(value)], dtype=torch.float64)
-    dist.all_reduce(t)
-    return float(t.item())
+    return float(all_reduce_values(torch.tensor([float(value)], dtype=torch.float64)).item())
 
 
 def any_rank(flag: bool) -> bool:

@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 
 from common.config import add_config_args, config_from_args, save_config
-from common.distributed import barrier, init_distributed, is_main_process
+from common.distributed import all_reduce_values, barrier, init_distributed, is_main_process
 from common.errors import ConfigError, DataError
 from common.metrics import progress
 from videodpo.data.manifest import (
@@ -252,9 +252,7 @@ def build_gt_pairs(cfg: BuildPairsConfig) -> BuildSummary:
         summary.generated += 1
     totals = summary.as_tensor()
     if world > 1:
-        import torch.distributed as dist
-
-        dist.all_reduce(totals)
+        totals = all_reduce_values(totals)
     barrier()
     if rank == 0:
         merge_journals(out_dir)

@@ -25,7 +25,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from common.config import add_config_args, config_from_args, save_config
-from common.distributed import barrier, init_distributed, is_main_process
+from common.distributed import all_reduce_values, barrier, init_distributed, is_main_process
 from common.errors import ConfigError, DataError
 from common.metrics import progress
 from videodpo.data.manifest import ManifestRow, read_manifest_rows, resolve_path
@@ -287,9 +287,7 @@ def precompute(cfg: PrecomputeConfig) -> dict[str, int]:
             flush()
     flush()
     if world > 1:
-        import torch.distributed as dist
-
-        dist.all_reduce(counts)
+        counts = all_reduce_values(counts)
     barrier()
     if rank == 0:
         write_index(out_dir, producer, settings)
