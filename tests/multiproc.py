@@ -32,6 +32,7 @@ def _worker(rank: int, world_size: int, port: int, fn: Callable, args: tuple, ou
         WORLD_SIZE=str(world_size),
         LOCAL_RANK=str(rank),
         LOCAL_WORLD_SIZE=str(world_size),
+        CUDA_VISIBLE_DEVICES="",  # gloo ranks on the CPU, also on a GPU machine
     )
     torch.set_num_threads(1)
     import torch.distributed as dist

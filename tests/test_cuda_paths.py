@@ -1,0 +1,129 @@
+"""The CUDA paths: skipped where there is no GPU (this project's CI), run by hand on a GPU
+machine. Each test compares the CUDA run with the same run on the CPU."""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+
+import pytest
+import torch
+
+from common import attention as attn
+from tests.common.test_attention import reference
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("causal", [False, True])
+def test_sdpa_and_lse_on_cuda_match_float64_reference(dtype, causal):
+    q = torch.randn(2, 4, 33, 64, device="cuda", dtype=dtype)
+    k = torch.randn(2, 2, 33, 64, device="cuda", dtype=dtype)
+    v = torch.randn(2, 2, 33, 64, device="cuda", dtype=dtype)
+    ref, ref_lse = reference(q, k, v, causal)
+    tol = 2e-2 if dtype == torch.bfloat16 else 1e-4
+    out = attn.attention(q, k, v, causal=causal, backend="sdpa")
+    torch.testing.assert_close(out.double().cpu(), ref.cpu(), rtol=tol, atol=tol)
+    out, lse = attn.attention_with_lse(q, k, v, causal=causal)
+    torch.testing.assert_close(out.double().cpu(), ref.cpu(), rtol=tol, atol=tol)
+    torch.testing.assert_close(lse.double().cpu(), ref_lse.cpu(), rtol=tol, atol=tol)
+
+
+def test_auto_backend_on_cuda_names_what_runs(caplog):
+    caplog.set_level(logging.INFO, logger="common.attention")
+    q = torch.randn(1, 2, 8, 32, device="cuda", dtype=torch.bfloat16)
+    attn.attention(q, q, q, backend="auto")
+    chosen = attn.resolve_backend("auto", "cuda")
+    assert chosen in attn.available_backends("cuda")
+    if "flash" not in attn.available_backends("cuda") and "xformers" not in attn.available_backends("cuda"):
+        assert chosen == "sdpa"
+
+
+def _video_run(tmp_path, device_name: str, mixed: str):
+    from tests.videodpo.test_trainer import PairList, _cfg
+    from videodpo.models.tiny import build_pixel_adapter
+    from videodpo.trainer import train
+
+    adapter = build_pixel_adapter("wan", "i2v", seed=0, height=8, width=8, num_frames=4,
+                                  num_layers=2, num_heads=2, head_dim=16, ffn_dim=64, patch_size=(1, 2, 2))
+    cfg = _cfg(tmp_path / device_name, "reg_dpo", steps=3)
+    cfg.train.mixed_precision = mixed
+    result = train(cfg, dataset=PairList(), adapter=adapter)
+    params = {n: p.detach().float().cpu() for n, p in adapter.transformer.named_parameters()}
+    devices = {p.device.type for p in adapter.transformer.parameters()}
+    return result, params, devices
+
+
+def test_video_reg_dpo_training_on_cuda_matches_cpu(tmp_path, monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    cpu_result, cpu_params, cpu_devices = _video_run(tmp_path, "cpu", "no")
+    monkeypatch.undo()
+    gpu_result, gpu_params, gpu_devices = _video_run(tmp_path, "cuda", "no")
+    assert cpu_devices == {"cpu"} and gpu_devices == {"cuda"}
+    for a, b in zip(cpu_result.history, gpu_result.history):
+        assert math.isclose(a["loss"], b["loss"], rel_tol=1e-3, abs_tol=1e-4), (a, b)
+    for name in cpu_params:
+        torch.testing.assert_close(gpu_params[name], cpu_params[name], rtol=1e-3, atol=1e-4, msg=name)
+    bf16_result, _, _ = _video_run(tmp_path, "cuda_bf16", "bf16")
+    assert all(math.isfinite(r["loss"]) for r in bf16_result.history)
+    assert math.isclose(bf16_result.history[0]["loss"], gpu_result.history[0]["loss"], rel_tol=0.05)
+
+
+def test_dapo_update_on_cuda_matches_cpu():
+    from tests.llmpost.test_dapo_fsdp import _batch, _model, _update
+
+    torch.manual_seed(0)
+    cpu_model = _model()
+    gpu_model = _model()
+    gpu_model.load_state_dict(cpu_model.state_dict())
+    batch = _batch(cpu_model, 8, seed=1)
+    _update(cpu_model, batch)
+    _update(gpu_model.cuda(), batch)
+    for (name, p), q in zip(cpu_model.named_parameters(), gpu_model.parameters()):
+        torch.testing.assert_close(q.detach().cpu(), p.detach(), rtol=1e-3, atol=1e-4, msg=name)
+
+
+def test_fsdp_on_one_nccl_rank_matches_plain_model():
+    import torch.distributed as dist
+
+    from common.fsdp import apply_fsdp, full_state_dict
+    from tests.llmpost.test_dapo_fsdp import _batch, _model, _update
+
+    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+    os.environ.setdefault("MASTER_PORT", "29533")
+    dist.init_process_group("nccl", rank=0, world_size=1)
+    try:
+        torch.manual_seed(0)
+        plain = _model()
+        batch = _batch(plain, 8, seed=2)
+        plain.cuda()
+        sharded = _model().cuda()
+        sharded.load_state_dict(plain.state_dict())
+        apply_fsdp(sharded)
+        _update(plain, batch)
+        _update(sharded, batch)
+        state = full_state_dict(sharded)
+        for name, p in plain.state_dict().items():
+            torch.testing.assert_close(state[name].float().cpu(), p.float().cpu(), rtol=1e-4, atol=1e-5, msg=name)
+        # bookkeeping made on the CPU crosses NCCL (which takes GPU tensors only)
+        from common.distributed import all_reduce_values
+        from llmpost.policy import global_sum
+
+        assert global_sum(2.5) == 2.5
+        counts = all_reduce_values(torch.tensor([3, 4]))
+        assert counts.device.type == "cpu" and counts.tolist() == [3, 4]
+    finally:
+        dist.destroy_process_group()
+
+
+def test_memory_peak_is_read_from_cuda():
+    from common.metrics import current_memory_mb, peak_memory_mb, reset_peak_memory
+
+    reset_peak_memory()
+    before = current_memory_mb()
+    x = torch.empty(64 * 2**20, dtype=torch.uint8, device="cuda")
+    peak = peak_memory_mb()
+    del x
+    assert 64 <= peak - before < 65
