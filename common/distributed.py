@@ -36,7 +36,9 @@ def init_distributed(timeout_s: int = 600) -> DistInfo:
     """Start the default process group if the launcher asked for one."""
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    if torch.cuda.is_available():
+    # A group someone else started on gloo keeps this process on the CPU.
+    on_gloo = dist.is_initialized() and dist.get_backend() == "gloo"
+    if torch.cuda.is_available() and not on_gloo:
         device = torch.device("cuda", local_rank)
         torch.cuda.set_device(device)
     else:

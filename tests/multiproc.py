@@ -32,7 +32,6 @@ def _worker(rank: int, world_size: int, port: int, fn: Callable, args: tuple, ou
         WORLD_SIZE=str(world_size),
         LOCAL_RANK=str(rank),
         LOCAL_WORLD_SIZE=str(world_size),
-        CUDA_VISIBLE_DEVICES="",  # gloo ranks on the CPU, also on a GPU machine
     )
     torch.set_num_threads(1)
     import torch.distributed as dist
@@ -51,14 +50,22 @@ def _worker(rank: int, world_size: int, port: int, fn: Callable, args: tuple, ou
 
 def run_on_ranks(fn: Callable, world_size: int, *args: Any) -> list[Any]:
     """Run `fn(rank, world_size, *args)` on `world_size` gloo processes; list of returns."""
+    hidden = os.environ.get("CUDA_VISIBLE_DEVICES")
+    os.environ["CUDA_VISIBLE_DEVICES"] = ""  # gloo ranks on the CPU, also on a GPU machine
     with tempfile.TemporaryDirectory() as out_dir:
-        mp.start_processes(
-            _worker,
-            args=(world_size, _free_port(), fn, args, out_dir),
-            nprocs=world_size,
-            join=True,
-            start_method="spawn",
-        )
+        try:
+            mp.start_processes(
+                _worker,
+                args=(world_size, _free_port(), fn, args, out_dir),
+                nprocs=world_size,
+                join=True,
+                start_method="spawn",
+            )
+        finally:
+            if hidden is None:
+                os.environ.pop("CUDA_VISIBLE_DEVICES")
+            else:
+                os.environ["CUDA_VISIBLE_DEVICES"] = hidden
         results = [torch.load(os.path.join(out_dir, f"rank{r}.pt"), weights_only=False) for r in range(world_size)]
     errors = [f"rank {r}:\n{res['error']}" for r, res in enumerate(results) if not res["ok"]]
     if errors:

@@ -35,3 +35,22 @@ def test_build_mesh_on_two_ranks():
     for backend, names, dp, pair, total in run_on_ranks(_mesh_worker, 2):
         assert backend == "gloo" and names == ("dp_replicate", "dp_shard", "pair", "cp")
         assert (dp, pair, total) == (1, 2, 1.0)
+
+
+def test_a_gloo_group_keeps_the_process_on_the_cpu(monkeypatch):
+    """A test harness (or user) that started gloo on a GPU machine gets the CPU, not
+    `cuda:LOCAL_RANK`, which gloo ranks sharing one GPU would fight over."""
+    import torch.distributed as dist
+
+    from tests.multiproc import _free_port
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "set_device", lambda device: pytest.fail(f"set_device({device})"))
+    monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
+    monkeypatch.setenv("MASTER_PORT", str(_free_port()))
+    dist.init_process_group("gloo", rank=0, world_size=1)
+    try:
+        info = init_distributed()
+        assert info.device == torch.device("cpu") and info.backend == "gloo"
+    finally:
+        dist.destroy_process_group()
