@@ -41,7 +41,9 @@ class VideoModelAdapter(ABC):
 
     family: ClassVar[str]
     transformer_class: ClassVar[type[nn.Module]]
-    pipeline_classes: ClassVar[dict[str, Any]]  # task -> diffusers pipeline class
+    # task -> diffusers pipeline class name, imported when used (importing the I2V
+    # pipelines prints a notice about torchvision)
+    pipeline_classes: ClassVar[dict[str, str]]
 
     def __init__(
         self,
@@ -165,8 +167,10 @@ class VideoModelAdapter(ABC):
 
     def save_lora(self, out_dir: str | Path, lora_state_dict: dict[str, torch.Tensor]) -> Path:
         """LoRA weights in diffusers format, loadable with `pipe.load_lora_weights(out_dir)`."""
+        import diffusers
+
         out_dir = Path(out_dir)
-        self.pipeline_classes[self.task].save_lora_weights(out_dir, transformer_lora_layers=lora_state_dict)
+        getattr(diffusers, self.pipeline_classes[self.task]).save_lora_weights(out_dir, transformer_lora_layers=lora_state_dict)
         return out_dir
 
 

@@ -12,12 +12,7 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-from diffusers import (
-    CogVideoXDDIMScheduler,
-    CogVideoXImageToVideoPipeline,
-    CogVideoXPipeline,
-    CogVideoXTransformer3DModel,
-)
+from diffusers import CogVideoXDDIMScheduler, CogVideoXTransformer3DModel
 from diffusers.models.embeddings import get_3d_rotary_pos_embed
 from diffusers.pipelines.cogvideo.pipeline_cogvideox import get_resize_crop_region_for_grid
 from torch import nn
@@ -28,7 +23,7 @@ from videodpo.models.base import Conditions, VideoModelAdapter
 class CogVideoXAdapter(VideoModelAdapter):
     family = "cogvideox"
     transformer_class = CogVideoXTransformer3DModel
-    pipeline_classes = {"t2v": CogVideoXPipeline, "i2v": CogVideoXImageToVideoPipeline}
+    pipeline_classes = {"t2v": "CogVideoXPipeline", "i2v": "CogVideoXImageToVideoPipeline"}
 
     @property
     def _scaling(self) -> float:

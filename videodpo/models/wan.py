@@ -10,7 +10,7 @@ and the VAE latent of the first frame followed by black frames, as
 from __future__ import annotations
 
 import torch
-from diffusers import WanImageToVideoPipeline, WanPipeline, WanTransformer3DModel
+from diffusers import WanTransformer3DModel
 from torch import nn
 
 from videodpo.models.base import Conditions, VideoModelAdapter
@@ -19,7 +19,7 @@ from videodpo.models.base import Conditions, VideoModelAdapter
 class WanAdapter(VideoModelAdapter):
     family = "wan"
     transformer_class = WanTransformer3DModel
-    pipeline_classes = {"t2v": WanPipeline, "i2v": WanImageToVideoPipeline}
+    pipeline_classes = {"t2v": "WanPipeline", "i2v": "WanImageToVideoPipeline"}
 
     def _latent_stats(self, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         cfg = self.vae.config
