@@ -76,6 +76,28 @@ def test_bad_clip_rows_are_each_named(tmp_path, capsys):
     assert "Traceback" not in out
 
 
+def test_headers_only_names_the_same_rows_without_decoding(tmp_path, capsys, monkeypatch):
+    import videodpo.data.check as check
+
+    _dataset(tmp_path)
+    manifest = _write_jsonl(
+        tmp_path / "clips.jsonl",
+        [
+            {"video": "good.mp4", "caption": "fine"},
+            {"video": "missing.mp4", "caption": "gone"},
+            {"video": "notes.mp4", "caption": "text"},
+            {"video": "good2.mp4", "caption": ""},
+            {"video": "short.mp4", "caption": "few frames", "num_frames": 9},
+        ],
+    )
+    decoded = [(p.row, p.field, p.file) for p in check_manifest(manifest).problems]
+    monkeypatch.setattr(check, "verify_video", lambda path: pytest.fail(f"decoded {path}"))
+    assert main(["check-data", "--manifest", str(manifest), "--headers-only"]) == 1
+    assert capsys.readouterr().out.strip().endswith("5 clip rows checked, 1 good, 4 bad")
+    headers = [(p.row, p.field, p.file) for p in check_manifest(manifest, decode=False).problems]
+    assert headers == decoded and len(decoded) == 4
+
+
 def test_pair_with_mismatched_shapes(tmp_path, capsys):
     _dataset(tmp_path)
     manifest = _write_jsonl(

@@ -2,7 +2,9 @@
 
 Each row is checked for: its video files exist and decode to the end, they have enough
 frames, the caption is a non-empty string, an optional conditioning image opens, and the
-two videos of a pair have the same shape (frames, height, width). Every problem is one
+two videos of a pair have the same shape (frames, height, width). `--headers-only` reads
+each video's header instead of decoding every frame (fast on large datasets; a file cut
+short is then found only when training reads it, which skips and counts the row). Every problem is one
 line naming the row, the field and the file; a summary follows; the exit code is 1 when
 any row is bad.
 """
@@ -15,7 +17,7 @@ from pathlib import Path
 
 from common.errors import DataError
 from videodpo.data.manifest import ManifestRow, read_manifest_rows, resolve_path
-from videodpo.data.video_io import VideoInfo, verify_video
+from videodpo.data.video_io import VideoInfo, probe_video, verify_video
 
 HELP = "validate every row of a clip or pair manifest; exit 1 naming each bad row"
 
@@ -52,7 +54,7 @@ class CheckReport:
 
 
 def _check_video(
-    row: ManifestRow, key: str, root: Path, min_frames: int
+    row: ManifestRow, key: str, root: Path, min_frames: int, decode: bool = True
 ) -> tuple[list[RowProblem], VideoInfo | None]:
     value = row.data.get(key)
     if value in (None, ""):
@@ -63,7 +65,7 @@ def _check_video(
     if not path.is_file():
         return [RowProblem(row.index, key, value, "file not found")], None
     try:
-        info = verify_video(path)
+        info = verify_video(path) if decode else probe_video(path)
     except DataError as err:
         message = str(err).removeprefix(f"{path}: ")
         return [RowProblem(row.index, key, value, message)], None
@@ -92,8 +94,11 @@ def _check_image(row: ManifestRow, root: Path) -> list[RowProblem]:
     return []
 
 
-def check_row(row: ManifestRow, root: Path, kind: str, min_frames: int = 1) -> list[RowProblem]:
-    """Problems of one manifest row (empty when the row is good)."""
+def check_row(
+    row: ManifestRow, root: Path, kind: str, min_frames: int = 1, decode: bool = True
+) -> list[RowProblem]:
+    """Problems of one manifest row (empty when the row is good); `decode=False` reads
+    video headers only."""
     if row.error is not None:
         return [RowProblem(row.index, "row", None, row.error)]
     problems: list[RowProblem] = []
@@ -105,9 +110,9 @@ def check_row(row: ManifestRow, root: Path, kind: str, min_frames: int = 1) -> l
         declared = None
     needed = max(min_frames, declared or 0)
     if kind == "pair":
-        found, chosen = _check_video(row, "chosen", root, needed)
+        found, chosen = _check_video(row, "chosen", root, needed, decode)
         problems += found
-        found, rejected = _check_video(row, "rejected", root, needed)
+        found, rejected = _check_video(row, "rejected", root, needed, decode)
         problems += found
         if chosen and rejected:
             shape_c = (chosen.num_frames, chosen.height, chosen.width)
@@ -116,7 +121,7 @@ def check_row(row: ManifestRow, root: Path, kind: str, min_frames: int = 1) -> l
                 message = f"shape (frames, height, width) {shape_r} differs from chosen {shape_c}"
                 problems.append(RowProblem(row.index, "rejected", row.data["rejected"], message))
     else:
-        problems += _check_video(row, "video", root, needed)[0]
+        problems += _check_video(row, "video", root, needed, decode)[0]
     caption = row.data.get("caption")
     if not isinstance(caption, str) or not caption.strip():
         problems.append(RowProblem(row.index, "caption", None, "missing or empty"))
@@ -124,7 +129,7 @@ def check_row(row: ManifestRow, root: Path, kind: str, min_frames: int = 1) -> l
     return problems
 
 
-def check_manifest(path: str | Path, min_frames: int = 1) -> CheckReport:
+def check_manifest(path: str | Path, min_frames: int = 1, decode: bool = True) -> CheckReport:
     """Check every row of a manifest; the kind (clip or pair) comes from its rows."""
     path = Path(path)
     rows = read_manifest_rows(path, strict=False)
@@ -135,7 +140,7 @@ def check_manifest(path: str | Path, min_frames: int = 1) -> CheckReport:
     report = CheckReport(path, kind, len(rows))
     root = path.parent
     for row in rows:
-        report.problems += check_row(row, root, kind, min_frames)
+        report.problems += check_row(row, root, kind, min_frames, decode)
     return report
 
 
@@ -144,10 +149,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--min-frames", type=int, default=1, help="fewest frames a video may have (default 1)"
     )
+    parser.add_argument(
+        "--headers-only", action="store_true",
+        help="read video headers instead of decoding every frame (fast; misses files cut short)",
+    )
 
 
 def run(args: argparse.Namespace) -> int:
-    report = check_manifest(args.manifest, args.min_frames)
+    report = check_manifest(args.manifest, args.min_frames, decode=not args.headers_only)
     for problem in report.problems:
         print(f"{report.manifest}: {problem}")
     print(report.summary())
