@@ -288,13 +288,34 @@ def _step_metrics(seen: list[SampledGroup], kept: list[SampledGroup], batch: Pol
         if i < len(update["clip_frac"]):
             per_task[task]["clip_frac"].append(float(update["clip_frac"][i]))
             per_task[task]["entropy"].append(float(update["entropy"][i]))
-    out: dict[str, float] = {"loss": float(update["loss"])}
-    totals: dict[str, list[float]] = defaultdict(list)
-    for task, values in sorted(per_task.items()):
-        for name, xs in values.items():
-            if xs:
-                out[f"{task}/{name}"] = sum(xs) / len(xs)
-                totals[name] += xs
-    for name, xs in totals.items():
-        out[name] = sum(xs) / len(xs)
+    sums = {f"{task}/{name}": (sum(xs), len(xs)) for task, values in per_task.items()
+            for name, xs in values.items() if xs}
+    sums["loss"] = (float(update["loss"]), 1)
+    sums = _pool_over_ranks(sums)
+    loss_total, loss_count = sums.pop("loss")
+    out: dict[str, float] = {"loss": loss_total / loss_count}  # mean over ranks
+    totals: dict[str, list[float]] = defaultdict(lambda: [0.0, 0])
+    for key, (total, count) in sorted(sums.items()):
+        out[key] = total / count
+        name = key.rsplit("/", 1)[1]
+        totals[name][0] += total
+        totals[name][1] += count
+    for name, (total, count) in totals.items():
+        out[name] = total / count
     return out
+
+
+def _pool_over_ranks(sums: dict[str, tuple[float, int]]) -> dict[str, tuple[float, int]]:
+    """(sum, count) per metric added up over all ranks (each rank saw its own groups)."""
+    import torch.distributed as dist
+
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return sums
+    gathered: list[dict[str, tuple[float, int]]] = [{} for _ in range(dist.get_world_size())]
+    dist.all_gather_object(gathered, sums)
+    pooled: dict[str, tuple[float, int]] = {}
+    for rank_sums in gathered:
+        for key, (total, count) in rank_sums.items():
+            old_total, old_count = pooled.get(key, (0.0, 0))
+            pooled[key] = (old_total + total, old_count + count)
+    return pooled

@@ -131,3 +131,50 @@ def test_kl_term_alone_gives_the_k3_gradient():
     torch.optim.SGD(reference.parameters(), lr=0.1).step()
     for (name, p), q in zip(model.named_parameters(), reference.parameters()):
         torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-7, msg=name)
+
+
+def _metric_inputs(rank):
+    """Rank-specific groups: rank 0 saw tasks a and b, rank 1 only b (and one of its own)."""
+    from types import SimpleNamespace
+
+    from llmpost.dapo import SampledGroup
+
+    def group(task, rewards, lengths):
+        return SampledGroup(rewards, {"record": SimpleNamespace(task=task), "correct": rewards,
+                                      "lengths": lengths, "truncated": [x > 5 for x in lengths]})
+
+    if rank == 0:
+        seen = [group("a", [1.0, 0.0], [3, 7]), group("b", [1.0, 1.0], [2, 2])]
+        kept, clip, ent, loss = seen[:1], [0.5, 0.0], [1.0, 2.0], 0.25
+    else:
+        seen = [group("b", [0.0, 1.0], [9, 4]), group("c", [0.0, 0.0], [1, 1])]
+        kept, clip, ent, loss = seen[:1], [0.25, 0.25], [3.0, 4.0], 0.75
+    tasks = [g.data["record"].task for g in kept for _ in range(2)]
+    update = {"loss": loss, "clip_frac": torch.tensor(clip), "entropy": torch.tensor(ent)}
+    return seen, kept, SimpleNamespace(tasks=tasks), update
+
+
+def _metrics_on_rank(rank, world):
+    from llmpost.dapo_trainer import _step_metrics
+
+    seen, kept, batch, update = _metric_inputs(rank)
+    return _step_metrics(seen, kept, batch, update, group_size=2)
+
+
+def test_step_metrics_pool_every_ranks_groups():
+    """Per-task and overall metrics on 2 ranks are those of all groups together, on both
+    ranks (not rank 0's share); the loss is the mean of the ranks' losses."""
+    from types import SimpleNamespace
+
+    from llmpost.dapo_trainer import _step_metrics
+
+    (s0, k0, b0, u0), (s1, k1, b1, u1) = _metric_inputs(0), _metric_inputs(1)
+    update = {"loss": (u0["loss"] + u1["loss"]) / 2,
+              "clip_frac": torch.cat([u0["clip_frac"], u1["clip_frac"]]),
+              "entropy": torch.cat([u0["entropy"], u1["entropy"]])}
+    want = _step_metrics(s0 + s1, k0 + k1, SimpleNamespace(tasks=b0.tasks + b1.tasks), update, 2)
+    assert want["b/reward"] == pytest.approx(0.75) and "c/accuracy" in want
+    for got in run_on_ranks(_metrics_on_rank, 2):
+        assert got.keys() == want.keys()
+        for key, value in want.items():
+            assert got[key] == pytest.approx(value), key
