@@ -195,10 +195,8 @@ def test_shipped_configs_load(name):
     assert cfg.loss.kind == "reg_dpo" and cfg.parallel.pair == 2 and cfg.model.path
 
 
-def test_train_and_sample_commands(tmp_path):
-    from videodpo.cli import main
-
-    model_dir = _adapter().save_pretrained(tmp_path / "model")
+def _pair_manifest(tmp_path: Path) -> Path:
+    """Four `PairList` pairs written as mp4s and a pair manifest beside them."""
     from videodpo.data.manifest import write_manifest
     from videodpo.data.video_io import write_video
 
@@ -207,7 +205,14 @@ def test_train_and_sample_commands(tmp_path):
         rows.append({"chosen": str(write_video(tmp_path / f"c{i}.mp4", item["chosen"])),
                      "rejected": str(write_video(tmp_path / f"r{i}.mp4", item["rejected"])),
                      "caption": item["caption"]})
-    manifest = write_manifest(tmp_path / "pairs.jsonl", rows)
+    return write_manifest(tmp_path / "pairs.jsonl", rows)
+
+
+def test_train_and_sample_commands(tmp_path):
+    from videodpo.cli import main
+
+    model_dir = _adapter().save_pretrained(tmp_path / "model")
+    manifest = _pair_manifest(tmp_path)
     cfg = tmp_path / "run.yaml"
     cfg.write_text(
         f"out_dir: {tmp_path / 'run'}\nmodel: {{path: {model_dir}}}\ndata: {{manifest: {manifest}}}\n"
@@ -246,16 +251,9 @@ def test_validation_every_n_steps_writes_clips_sheet_and_pair_metrics(tmp_path):
 
 def test_training_from_the_latent_cache_equals_training_from_clips(tmp_path):
     from videodpo.data.latent_cache import PrecomputeConfig, precompute
-    from videodpo.data.manifest import write_manifest
-    from videodpo.data.video_io import write_video
 
     model_dir = _adapter().save_pretrained(tmp_path / "model")
-    rows = []
-    for i, item in enumerate(PairList(n=4).items):
-        rows.append({"chosen": str(write_video(tmp_path / f"c{i}.mp4", item["chosen"])),
-                     "rejected": str(write_video(tmp_path / f"r{i}.mp4", item["rejected"])),
-                     "caption": item["caption"]})
-    manifest = write_manifest(tmp_path / "pairs.jsonl", rows)
+    manifest = _pair_manifest(tmp_path)
     precompute(PrecomputeConfig(manifest=str(manifest), model=str(model_dir), out_dir=str(tmp_path / "cache")))
     finals = []
     for source in ("manifest", "cache"):
