@@ -13,6 +13,7 @@ import tempfile
 import traceback
 from collections.abc import Callable
 from typing import Any
+from unittest import mock
 
 import torch
 import torch.multiprocessing as mp
@@ -50,22 +51,15 @@ def _worker(rank: int, world_size: int, port: int, fn: Callable, args: tuple, ou
 
 def run_on_ranks(fn: Callable, world_size: int, *args: Any) -> list[Any]:
     """Run `fn(rank, world_size, *args)` on `world_size` gloo processes; list of returns."""
-    hidden = os.environ.get("CUDA_VISIBLE_DEVICES")
-    os.environ["CUDA_VISIBLE_DEVICES"] = ""  # gloo ranks on the CPU, also on a GPU machine
-    with tempfile.TemporaryDirectory() as out_dir:
-        try:
-            mp.start_processes(
-                _worker,
-                args=(world_size, _free_port(), fn, args, out_dir),
-                nprocs=world_size,
-                join=True,
-                start_method="spawn",
-            )
-        finally:
-            if hidden is None:
-                os.environ.pop("CUDA_VISIBLE_DEVICES")
-            else:
-                os.environ["CUDA_VISIBLE_DEVICES"] = hidden
+    # gloo ranks on the CPU, also on a GPU machine: hidden before the children import torch
+    with tempfile.TemporaryDirectory() as out_dir, mock.patch.dict(os.environ, CUDA_VISIBLE_DEVICES=""):
+        mp.start_processes(
+            _worker,
+            args=(world_size, _free_port(), fn, args, out_dir),
+            nprocs=world_size,
+            join=True,
+            start_method="spawn",
+        )
         results = [torch.load(os.path.join(out_dir, f"rank{r}.pt"), weights_only=False) for r in range(world_size)]
     errors = [f"rank {r}:\n{res['error']}" for r, res in enumerate(results) if not res["ok"]]
     if errors:
