@@ -28,4 +28,15 @@ if ! command -v nvidia-smi >/dev/null 2>&1; then
   .venv/bin/python -c "import diffusers.pipelines.wan, transformers.modeling_utils, vllm" \
     || { echo "[setup] diffusers/transformers/vllm imports failed after the vLLM install"; exit 1; }
 fi
+# bubblewrap isolates the code-execution reward (llmpost.sandbox). Installed where we are
+# root and apt is at hand (CI); elsewhere the code reward says how to install it.
+if ! command -v bwrap >/dev/null 2>&1; then
+  if [ "$(id -u)" = "0" ] && command -v apt-get >/dev/null 2>&1; then
+    echo "[setup] installing bubblewrap (sandbox for the code reward)"
+    apt-get update -qq >/dev/null && apt-get install -y -qq bubblewrap >/dev/null \
+      || echo "[setup] could not install bubblewrap: the code reward will refuse to run"
+  else
+    echo "[setup] bubblewrap (bwrap) missing: install it (e.g. apt-get install bubblewrap) for the code reward"
+  fi
+fi
 touch .venv/.installed
