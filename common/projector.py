@@ -16,6 +16,7 @@ does the same on flat tensors and is the reference the efficient paths are teste
 | `cone`      | closest point of {sum a_i g_i, a >= 0} to g_T          | active set (NNLS) |
 | `span`      | orthogonal projection of g_T onto span{g_i}            | least squares     |
 | `halfspace` | closest d to g_T with <d, g_i> >= 0 for all i (GEM)    | dual NNLS         |
+| `filter`    | mean of the g_i with <g_i, g_T> > 0 (Dr. Post-Training) | sign test         |
 
 All solvers work in float64 on the (n+1)x(n+1) Gram matrix and reach KKT residuals of
 about 1e-10 relative to the scale of K; singular K (duplicates, n > d, zero gradients) is
@@ -24,7 +25,9 @@ coefficients are not.
 
 Degenerate input, defined answers: n = 0 gives g_T for `none` and `halfspace`, 0 for
 `cone` and `span`, and a ValueError for `mean`, `subset` and `hull` (an empty set has no
-mean or closest point). Zero gradients are allowed (K = 0 gives d = 0 or g_T as the
+mean or closest point). `filter` with no g_i agreeing with g_T gives d = 0: no general
+sample supports the target's direction, so the step is skipped rather than pushed against
+the general data. Zero gradients are allowed (K = 0 gives d = 0 or g_T as the
 table says; `subset` ties keep the lower index). Non-finite input raises ValueError.
 """
 
@@ -35,7 +38,7 @@ import math
 import numpy as np
 import torch
 
-FEASIBLE_SETS = ("none", "mean", "subset", "hull", "cone", "span", "halfspace")
+FEASIBLE_SETS = ("none", "mean", "subset", "hull", "cone", "span", "halfspace", "filter")
 
 
 def subset_size(n: int, fraction: float) -> int:
@@ -72,6 +75,8 @@ def solve_coefficients(
             return 0.0, zeros
         if feasible == "halfspace":
             return 1.0, zeros
+        if feasible == "filter":
+            return 0.0, zeros
         raise ValueError(f"feasible set {feasible!r} needs at least one general gradient (n = 0)")
     if feasible == "mean":
         return 0.0, np.full(n, 1.0 / n)
@@ -80,6 +85,12 @@ def solve_coefficients(
         order = np.argsort(-kt, kind="stable")[:k]
         a = zeros.copy()
         a[order] = 1.0 / k
+        return 0.0, a
+    if feasible == "filter":
+        keep = kt > 0
+        a = zeros.copy()
+        if keep.any():
+            a[keep] = 1.0 / keep.sum()
         return 0.0, a
     if feasible == "span":
         return 0.0, _lstsq(Kg, kt)

@@ -74,6 +74,9 @@ def _reference(t: torch.Tensor, G: torch.Tensor, feasible: str, fraction: float)
     if feasible == "halfspace":  # dual: d = t + G' lam, lam = argmin_{lam>=0} ||G' lam + t||
         lam = nnls(Gn.T, -tn)[0]
         return tn + lam @ Gn
+    if feasible == "filter":  # written per sample, not from the Gram matrix
+        agree = [g for g in Gn if float(np.dot(g, tn)) > 0]
+        return np.mean(agree, axis=0) if agree else np.zeros_like(tn)
     raise AssertionError(feasible)
 
 
@@ -174,6 +177,26 @@ def test_degenerate_inputs_have_defined_answers():
     assert torch.equal(project(zt, G, "cone"), zt)
     # subset ties keep the lower index
     torch.testing.assert_close(project(zt, G, "subset", fraction=0.5), G[0])
+
+
+def test_filter_keeps_exactly_the_agreeing_samples_on_random_gram_problems():
+    rng = np.random.default_rng(11)
+    kept_sizes = set()
+    for trial in range(60):
+        n, d = int(rng.integers(1, 10)), int(rng.integers(2, 25))
+        G = rng.standard_normal((n, d))
+        t = rng.standard_normal(d) - (trial % 3) * G.mean(0)
+        got = project(torch.from_numpy(t), torch.from_numpy(G), "filter").numpy()
+        np.testing.assert_allclose(got, _reference(torch.from_numpy(t), torch.from_numpy(G),
+                                                   "filter", 0.5), atol=1e-12)
+        kept_sizes.add(int((G @ t > 0).sum() == n) - int((G @ t > 0).sum() == 0))
+    assert kept_sizes == {-1, 0, 1}  # none kept, some kept and all kept all occurred
+    # no general sample agrees: the step is skipped (d = 0), not pushed against them
+    G = torch.tensor([[1.0, 0.0], [0.0, 1.0]], dtype=torch.float64)
+    t = torch.tensor([-1.0, -2.0], dtype=torch.float64)
+    assert torch.equal(project(t, G, "filter"), torch.zeros(2, dtype=torch.float64))
+    assert torch.equal(project(t, torch.zeros(0, 2, dtype=torch.float64), "filter"),
+                       torch.zeros(2, dtype=torch.float64))
 
 
 def test_bad_input_raises_clear_errors():

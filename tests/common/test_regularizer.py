@@ -58,7 +58,7 @@ def assert_grads_close(got, want, rtol=1e-5):
 @pytest.mark.parametrize(
     ("feasible", "granularity"),
     [("hull", "model"), ("halfspace", "block"), ("subset", "layer"), ("cone", "layer"),
-     ("span", "block"), ("mean", "model")],
+     ("span", "block"), ("mean", "model"), ("filter", "layer")],
 )
 def test_three_paths_give_the_same_update(feasible, granularity):
     model = tiny_qwen3()
