@@ -86,9 +86,15 @@ class DiffusionObjective:
         return a * noisy - b * prediction
 
 
+def at_least_fp32(x: torch.Tensor) -> torch.Tensor:
+    """`x` in fp32, or as it is when it is already fp32 or fp64 (bf16 / fp16 go up)."""
+    return x if x.dtype in (torch.float32, torch.float64) else x.float()
+
+
 def per_sample_error(prediction: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    """e = mean over all non-batch elements of (prediction - target)^2, in fp32; shape (B,)."""
-    sq = (prediction.float() - target.float()) ** 2
+    """e = mean over all non-batch elements of (prediction - target)^2, in at least fp32
+    (fp64 inputs stay fp64); shape (B,)."""
+    sq = (at_least_fp32(prediction) - at_least_fp32(target)) ** 2
     return sq.flatten(1).mean(dim=1)
 
 
@@ -106,15 +112,16 @@ def reg_dpo_loss(
     With `dpo_weight=0` (SFT) the rejected and reference errors may be None. Metrics:
     `loss`, `dpo` (mean L_dpo), `sft` (mean e_theta(w)), `margin` (mean of -d),
     `accuracy` (share with d < 0), and the reward-style error gaps of each side.
+    Computed in at least fp32; fp64 errors keep fp64 (and so do the loss and gradients).
     """
-    sft = policy_w.float()
+    sft = at_least_fp32(policy_w)
     metrics: dict[str, float] = {"sft": sft.mean().item()}
     loss = sft_weight * sft
     if dpo_weight != 0:
         if policy_l is None or ref_w is None or ref_l is None:
             raise ValueError("a DPO term needs the rejected and the reference errors")
-        gap_w = policy_w.float() - ref_w.float()
-        gap_l = policy_l.float() - ref_l.float()
+        gap_w = sft - at_least_fp32(ref_w)
+        gap_l = at_least_fp32(policy_l) - at_least_fp32(ref_l)
         d = gap_w - gap_l
         dpo = -F.logsigmoid(-(beta / 2) * d)
         loss = loss + dpo_weight * dpo
