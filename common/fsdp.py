@@ -127,6 +127,27 @@ def apply_fsdp(
     return model
 
 
+def drop_unsynced_gradients(model: nn.Module) -> None:
+    """Forget the gradients FSDP2 accumulated unsharded while gradient sync was off
+    (`set_requires_gradient_sync(False)`), e.g. when a step with a non-finite loss is
+    skipped mid-accumulation; `optimizer.zero_grad` only clears the sharded ones.
+
+    FSDP2 has no public call for this; it reads the per-parameter state that
+    `torch.distributed.fsdp` keeps for gradient accumulation.
+    """
+    from torch.distributed.fsdp import FSDPModule
+
+    for module in model.modules():
+        if not isinstance(module, FSDPModule):
+            continue
+        for group in module._get_fsdp_state()._fsdp_param_groups:
+            for fsdp_param in group.fsdp_params:
+                fsdp_param.unsharded_accumulated_grad = None
+                unsharded = getattr(fsdp_param, "_unsharded_param", None)
+                if unsharded is not None:
+                    unsharded.grad = None
+
+
 def full_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     """Unsharded parameters and buffers on the CPU (every rank takes part; all get them)."""
     out = {}

@@ -338,10 +338,15 @@ def training_step(state: TrainingState, batches: list[PairBatch]) -> dict[str, f
     state.optimizer.zero_grad(set_to_none=True)
     sums: dict[str, float] = {}
     finite = True
-    for batch in batches:
+    for i, batch in enumerate(batches):
+        last = i == len(batches) - 1
+        if state.layout.fsdp:  # reduce-scatter once, after the last micro-batch's backward
+            state.policy.set_requires_gradient_sync(last)
         pw, pl, rw, rl = pair_errors(state, batch)
         loss, metrics = reg_dpo_loss(pw, pl, rw, rl, beta=cfg.loss.beta, sft_weight=sft_w, dpo_weight=dpo_w)
-        finite = finite and math.isfinite(metrics["loss"])
+        # All ranks skip a backward together: one rank's lone backward would wait in
+        # FSDP's reduce-scatter (or the pair gather) for ranks that never join.
+        finite = state.layout.all_ranks_agree(finite and math.isfinite(metrics["loss"]))
         if finite:
             (loss / len(batches)).backward()
         for k, v in metrics.items():
@@ -359,6 +364,10 @@ def training_step(state: TrainingState, batches: list[PairBatch]) -> dict[str, f
         state.scheduler.step()
     else:
         state.optimizer.zero_grad(set_to_none=True)
+        if state.layout.fsdp:
+            from common.fsdp import drop_unsynced_gradients
+
+            drop_unsynced_gradients(state.policy)
         state.nonfinite += 1
         logger.warning("step %d: non-finite loss or gradient, step skipped (%d so far)", state.step + 1, state.nonfinite)
         if state.nonfinite > cfg.train.max_nonfinite:

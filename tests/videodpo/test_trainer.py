@@ -284,3 +284,49 @@ def test_activation_checkpointing_leaves_the_step_unchanged(tmp_path):
     assert results[0][0] == pytest.approx(results[1][0], rel=1e-6)
     for name, g in results[0][1].items():
         torch.testing.assert_close(results[1][1][name], g, msg=name)
+
+
+def _accumulate(rank, world_size, out_dir):
+    """One optimizer step over 4 micro-batches (pair=2 with FSDP on 2 ranks, else one
+    process): loss, reduce-scatters counted at each micro-batch's loss, and parameters."""
+    from unittest import mock
+
+    import torch.distributed as dist
+
+    import videodpo.trainer as trainer
+    from common.fsdp import full_state_dict
+
+    cfg = _cfg(Path(out_dir), steps=2)
+    cfg.optim.eps = 1e-4
+    cfg.train.grad_accum, cfg.parallel.pair = 4, world_size
+    adapter = _adapter()
+    start = {k: v.clone() for k, v in adapter.transformer.state_dict().items()}
+    step_fn, state = trainer.build_training_step(cfg, adapter)
+    batches = [trainer.random_pair_batch(adapter, 1, 4, 8, 8, seed=s) for s in range(4)]
+    scatter = mock.patch.object(dist, "reduce_scatter_single", wraps=dist.reduce_scatter_single)
+    seen_at_loss: list[int] = []
+    real_loss = trainer.reg_dpo_loss
+
+    def counting_loss(*args, **kwargs):
+        seen_at_loss.append(counter.call_count)
+        return real_loss(*args, **kwargs)
+
+    with scatter as counter, mock.patch.object(trainer, "reg_dpo_loss", counting_loss):
+        metrics = step_fn(batches)
+        total = counter.call_count
+    params = full_state_dict(state.policy)
+    return metrics["loss"], seen_at_loss, total, params, start
+
+
+@pytest.mark.slow
+def test_grad_accum_with_fsdp_syncs_once_and_equals_one_process(tmp_path):
+    from tests.multiproc import run_on_ranks
+
+    loss, _, _, params, start = _accumulate(0, 1, str(tmp_path / "single"))
+    assert any(not torch.equal(params[k], start[k]) for k in start)  # the step trained
+    for rank_loss, seen, total, rank_params, _ in run_on_ranks(_accumulate, 2, str(tmp_path / "multi")):
+        # micro-batches 2-4 start with no reduce-scatter behind them; the last backward ran them
+        assert seen == [0, 0, 0, 0] and total > 0
+        assert rank_loss == pytest.approx(loss, rel=1e-5)
+        for name, p in params.items():
+            torch.testing.assert_close(rank_params[name], p, rtol=0, atol=1e-5, msg=name)
