@@ -32,6 +32,7 @@ class TaskRecord:
     prompt: str | None = None
     messages: list[dict[str, str]] | None = None
     meta: dict[str, Any] = field(default_factory=dict)
+    source: str = field(default="", compare=False)  # "file:line" it was read from
 
     def chat(self) -> list[dict[str, str]]:
         """The conversation up to the assistant's turn."""
@@ -42,19 +43,46 @@ class TaskRecord:
         return self.prompt if self.prompt is not None else self.messages[-1]["content"]
 
 
-def record_from_dict(row: dict[str, Any], where: str = "") -> TaskRecord:
+def _row_problem(row: Any) -> str | None:
+    if not isinstance(row, dict):
+        return f"expected a JSON object, got a JSON {type(row).__name__}"
     missing = [k for k in REQUIRED if k not in row]
     if missing:
-        raise DataError(f"{where}: missing field(s) {', '.join(missing)}")
+        return f"missing field(s) {', '.join(missing)}"
     if ("prompt" in row) == ("messages" in row):
-        raise DataError(f"{where}: exactly one of 'prompt' or 'messages' is expected")
+        return "exactly one of 'prompt' or 'messages' is expected"
     if row["category"] not in ("sns", "general"):
-        raise DataError(f"{where}: category must be 'sns' or 'general', got {row['category']!r}")
+        return f"category must be 'sns' or 'general', got {row['category']!r}"
     known = set(REQUIRED) | {"prompt", "messages", "meta"}
     unknown = sorted(set(row) - known)
     if unknown:
-        raise DataError(f"{where}: unknown field(s) {', '.join(unknown)}")
-    return TaskRecord(**{k: row[k] for k in row})
+        return f"unknown field(s) {', '.join(unknown)}"
+    for key in ("id", "task", "reward"):
+        if not isinstance(row[key], str) or not row[key]:
+            return f"'{key}' must be a non-empty string, got {row[key]!r}"
+    if not isinstance(row["reference"], str):
+        return f"'reference' must be a string, got {'null' if row['reference'] is None else repr(row['reference'])}"
+    if "prompt" in row and not isinstance(row["prompt"], str):
+        return f"'prompt' must be a string, got {type(row['prompt']).__name__}"
+    if "messages" in row:
+        messages = row["messages"]
+        if not isinstance(messages, list) or not messages:
+            return "'messages' must be a non-empty list of {\"role\", \"content\"} objects"
+        for i, m in enumerate(messages):
+            if not (isinstance(m, dict) and isinstance(m.get("role"), str)
+                    and isinstance(m.get("content"), str)):
+                return f"messages[{i}] must be an object with string 'role' and 'content'"
+    if "meta" in row and not isinstance(row["meta"], dict):
+        return f"'meta' must be a JSON object, got {type(row['meta']).__name__}"
+    return None
+
+
+def record_from_dict(row: Any, where: str = "") -> TaskRecord:
+    """A TaskRecord from one parsed JSON row; DataError naming `where` if it does not fit."""
+    problem = _row_problem(row)
+    if problem:
+        raise DataError(f"{where}: {problem}")
+    return TaskRecord(**{k: row[k] for k in row}, source=where)
 
 
 def load_tasks(path: str | Path) -> list[TaskRecord]:
@@ -62,16 +90,22 @@ def load_tasks(path: str | Path) -> list[TaskRecord]:
     path = Path(path)
     if not path.exists():
         raise DataError(f"task file not found: {path}")
+    if not path.is_file():
+        raise DataError(f"{path}: task file is a directory, expected a JSONL file")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as err:
+        line = path.read_bytes()[: err.start].count(b"\n") + 1
+        raise DataError(f"{path}:{line}: not UTF-8 text (byte {err.start})") from None
     records = []
-    with open(path) as f:
-        for line_no, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise DataError(f"{path}:{line_no}: not JSON ({err.msg})") from err
-            records.append(record_from_dict(row, f"{path}:{line_no}"))
+    for line_no, line in enumerate(text.splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as err:
+            raise DataError(f"{path}:{line_no}: not JSON ({err.msg})") from None
+        records.append(record_from_dict(row, f"{path}:{line_no}"))
     return records
 
 
