@@ -58,6 +58,7 @@ class DapoConfig:
     eps_low: float = 0.2
     eps_high: float = 0.28
     dual_clip: float | None = None  # verl uses 3.0
+    tis_cap: float | None = None  # vllm: weight token losses by min(p_old / p_engine, C)
     kl_coef: float = 0.0  # DAPO drops the KL term; > 0 adds k3 KL to the stage's start model
     dynamic_sampling: bool = True
     max_extra_rounds: int = 3

@@ -48,6 +48,7 @@ def policy_loss(
     eps_high: float = 0.28,
     dual_clip: float | None = None,
     num_tokens: float | torch.Tensor | None = None,
+    token_weights: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Clip-higher PPO loss averaged over every unmasked token of the batch.
 
@@ -56,8 +57,12 @@ def policy_loss(
     `dual_clip=c` (verl uses 3) caps the loss of negative-advantage tokens at -c A.
     `num_tokens` replaces the local token count as the denominator (a mini-batch split
     over micro-batches or ranks still averages over all its tokens).
+    `token_weights` `(B, T)` multiplies each token's loss (truncated importance sampling,
+    `tis_weights`); they are constants, not differentiated.
     """
     per_token = policy_token_losses(logp, old_logp, advantages, eps_low, eps_high, dual_clip)
+    if token_weights is not None:
+        per_token = per_token * token_weights.detach().to(per_token.dtype)
     mask = mask.to(per_token.dtype)
     denom = mask.sum() if num_tokens is None else num_tokens
     return (per_token * mask).sum() / torch.clamp(torch.as_tensor(denom, dtype=per_token.dtype), min=1.0)
@@ -90,6 +95,34 @@ def kl_k3(logp: torch.Tensor, ref_logp: torch.Tensor) -> torch.Tensor:
     (non-negative, unbiased for samples from pi; the estimator verl calls `low_var_kl`)."""
     d = ref_logp - logp
     return torch.exp(d) - d - 1.0
+
+
+def tis_weights(old_logp: torch.Tensor, engine_logp: torch.Tensor, cap: float) -> torch.Tensor:
+    """Truncated importance-sampling weights min(p_old / p_engine, C), per token.
+
+    The engine sampled the tokens, but the loss treats them as drawn by the trainer's
+    policy at rollout time (`old_logp`); the ratio corrects the difference of the two
+    implementations and the cap C bounds its variance (verl's and TRL's TIS)."""
+    if cap <= 0:
+        raise ValueError(f"tis_cap must be > 0, got {cap}")
+    return torch.clamp(torch.exp(old_logp - engine_logp), max=cap)
+
+
+def logprob_mismatch(engine_logp: torch.Tensor, policy_logp: torch.Tensor) -> dict[str, float]:
+    """The train-inference gap over sampled tokens (1-D tensors, one entry per token):
+    mean and max |log p_engine - log p_policy|, and the k3 estimate of
+    KL(pi_engine || pi_policy) (the tokens were drawn by the engine). Also `tokens`."""
+    if engine_logp.shape != policy_logp.shape:
+        raise ValueError(f"engine and policy log-probs differ in shape: "
+                         f"{tuple(engine_logp.shape)} vs {tuple(policy_logp.shape)}")
+    if engine_logp.numel() == 0:
+        return {"mean_abs": 0.0, "max_abs": 0.0, "kl_k3": 0.0, "tokens": 0}
+    gap = (engine_logp.double() - policy_logp.double())
+    return {
+        "mean_abs": float(gap.abs().mean()), "max_abs": float(gap.abs().max()),
+        "kl_k3": float(kl_k3(engine_logp.double(), policy_logp.double()).mean()),
+        "tokens": engine_logp.numel(),
+    }
 
 
 def clipped_tokens(

@@ -19,6 +19,7 @@ from typing import Any
 
 import torch
 
+from common.errors import ConfigError
 from common.metrics import progress
 from llmpost.config import DapoConfig
 from llmpost.dapo import (
@@ -27,13 +28,21 @@ from llmpost.dapo import (
     dynamic_sample,
     group_advantages,
     kl_k3,
+    logprob_mismatch,
     overlong_penalty,
     policy_loss,
+    tis_weights,
 )
 from llmpost.data import TaskRecord, encode_prompt, mix
 from llmpost.policy import any_rank, global_sum, rank_and_world, start_stage
 from llmpost.rewards import RewardRegistry
-from llmpost.rollout import HFRollout, build_rollout, pack_right_padded, token_logprobs
+from llmpost.rollout import (
+    HFRollout,
+    VLLMRollout,
+    build_rollout,
+    pack_right_padded,
+    token_logprobs,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -48,6 +57,7 @@ class PolicyBatch:
     advantages: torch.Tensor  # (B,)
     tasks: list[str]
     ref_logprobs: list[list[float]] | None = None  # only with a KL term
+    engine_logprobs: list[list[float]] | None = None  # only with dapo.tis_cap (vllm)
 
     def __len__(self) -> int:
         return len(self.responses)
@@ -58,6 +68,7 @@ class PolicyBatch:
             [self.old_logprobs[i] for i in index], self.advantages[index],
             [self.tasks[i] for i in index],
             None if self.ref_logprobs is None else [self.ref_logprobs[i] for i in index],
+            None if self.engine_logprobs is None else [self.engine_logprobs[i] for i in index],
         )
 
 
@@ -99,19 +110,24 @@ def dapo_update(
                 part = batch.select(chunk)
                 if len(part) == 0:  # keep collectives in step: a masked dummy row
                     prompts, responses, old, adv = [[pad_id]], [[pad_id]], [[0.0]], torch.zeros(1)
-                    ref, weight = [[0.0]], 0.0
+                    ref, engine, weight = [[0.0]], [[0.0]], 0.0
                 else:
                     prompts, responses = part.prompts, part.responses
                     old, adv, weight = part.old_logprobs, part.advantages, 1.0
-                    ref = part.ref_logprobs
+                    ref, engine = part.ref_logprobs, part.engine_logprobs
                 ids, attn, mask = pack_right_padded(prompts, responses, pad_id)
                 device = next(model.parameters()).device
                 logp, ent = token_logprobs(model, ids.to(device), attn.to(device), temperature,
                                            with_entropy=True)
                 old_t = _scatter_tokens(old, mask, logp)
                 mask = mask.to(device) * weight
+                token_weights = None
+                if cfg.tis_cap is not None:
+                    token_weights = tis_weights(old_t, _scatter_tokens(engine, mask, logp),
+                                               cfg.tis_cap)
                 loss = policy_loss(logp, old_t, adv.to(device), mask, cfg.eps_low, cfg.eps_high,
-                                   cfg.dual_clip, num_tokens=max(denom, 1.0))
+                                   cfg.dual_clip, num_tokens=max(denom, 1.0),
+                                   token_weights=token_weights)
                 if cfg.kl_coef:
                     ref_t = _scatter_tokens(ref, mask, logp)
                     kl = (kl_k3(logp, ref_t) * mask).sum() / max(denom, 1.0)
@@ -170,25 +186,36 @@ def train_dapo(
     on_step: Callable[[int, dict], None] | None = None,
     model_path: str | Path | None = None,
     reference: torch.nn.Module | None = None,
+    engine: VLLMRollout | None = None,
 ) -> dict[str, float]:
     """Run DAPO for `cfg.steps` steps, resuming from `stage_dir/checkpoints` if present.
 
-    With `generation.backend: vllm` (GPU only) responses come from a vLLM engine started
-    from `model_path` and refreshed with the policy's weights every step, and the old
-    log-probs are recomputed by the policy itself. With `hf` they come from the logits
-    `generate` computed (or a fresh forward with `generation.recompute_logprobs`).
+    With `generation.backend: vllm` responses come from a vLLM engine (`engine`, or one
+    started from `model_path` and closed at the end) that gets the policy's weights before
+    every rollout; the old log-probs are recomputed by the policy itself, and every step
+    logs the gap to the engine's (`logprob_gap_mean`, `logprob_gap_max`, `logprob_kl_k3`
+    over the sampled tokens); `dapo.tis_cap` weights the token losses by
+    min(p_old / p_engine, C). With `hf` the old log-probs come from the logits `generate`
+    computed (or a fresh forward with `generation.recompute_logprobs`).
     `cfg.kl_coef > 0` needs `reference` (a frozen copy of the starting model).
     """
     if cfg.kl_coef and reference is None:
         raise ValueError("dapo.kl_coef > 0 needs a reference model")
+    use_engine = cfg.generation.backend == "vllm"
+    if cfg.tis_cap is not None and not use_engine:
+        raise ConfigError("dapo.tis_cap corrects the engine's sampling: it needs "
+                          "generation.backend=vllm")
     stage_dir = Path(stage_dir)
     rank, world = rank_and_world()
     run = start_stage(model, cfg.lr, cfg.weight_decay, stage_dir, seed)
     optimizer, start = run.optimizer, run.start
     scorer = HFRollout(model, tokenizer, cfg.generation)
     ref_scorer = HFRollout(reference, tokenizer, cfg.generation) if cfg.kl_coef else None
-    rollout = scorer if cfg.generation.backend == "hf" else build_rollout(
+    own_engine = use_engine and engine is None
+    rollout = engine if engine is not None else build_rollout(
         model, tokenizer, cfg.generation, str(model_path) if model_path else None)
+    if not use_engine:
+        rollout = scorer
     groups_per_rank = max(1, cfg.prompts_per_step // world)
     prompt_cache: dict[str, list[int]] = {}
     last: dict[str, float] = {}
@@ -209,9 +236,13 @@ def train_dapo(
                 if r.id not in prompt_cache:
                     prompt_cache[r.id] = encode_prompt(tokenizer, r, chat_kwargs)
                 prompts.append(prompt_cache[r.id])
-            out = rollout.generate(prompts, cfg.group_size)
-            if rollout is not scorer:
+            if use_engine:
+                out = rollout.generate(prompts, cfg.group_size,
+                                       seed=_sampling_seed(seed, step, round_index, rank))
                 out.logprobs = scorer.score(out.prompt_ids, out.response_ids)
+            else:
+                out = rollout.generate(prompts, cfg.group_size)
+            engine_logprobs = out.engine_logprobs or [None] * len(out.response_ids)
             ref_logprobs = (ref_scorer.score(out.prompt_ids, out.response_ids)
                             if ref_scorer is not None else [None] * len(out.response_ids))
             expanded = [r for r in records for _ in range(cfg.group_size)]
@@ -227,6 +258,7 @@ def train_dapo(
                     "responses": out.response_ids[sl], "logprobs": out.logprobs[sl],
                     "lengths": out.lengths[sl], "truncated": out.truncated[sl],
                     "correct": correct[sl], "ref_logprobs": ref_logprobs[sl],
+                    "engine_logprobs": engine_logprobs[sl],
                 }))
             return groups
 
@@ -239,6 +271,8 @@ def train_dapo(
             kept = seen = list(sample_round(0))
             sampling = {"sampling_rounds": 1, "cap_hit": 0.0}
         generated_tokens = sum(sum(g.data["lengths"]) for g in seen)
+        if use_engine:
+            rollout.sleep()
 
         batch = PolicyBatch(
             prompts=[g.data["prompt"] for g in kept for _ in range(cfg.group_size)],
@@ -249,6 +283,8 @@ def train_dapo(
             tasks=[g.data["record"].task for g in kept for _ in range(cfg.group_size)],
             ref_logprobs=([lp for g in kept for lp in g.data["ref_logprobs"]]
                           if cfg.kl_coef else None),
+            engine_logprobs=([lp for g in kept for lp in g.data["engine_logprobs"]]
+                             if cfg.tis_cap is not None else None),
         )
         if any_rank(len(batch) > 0):
             update = dapo_update(model, optimizer, batch, cfg, tokenizer.pad_token_id)
@@ -258,6 +294,8 @@ def train_dapo(
 
         metrics = _step_metrics(seen, kept, batch, update, cfg.group_size)
         metrics.update(sampling)
+        if use_engine:
+            metrics.update(_mismatch_metrics(seen))
         metrics.update(step_time_s=time.perf_counter() - t0,
                        tokens_per_s=generated_tokens / max(1e-9, time.perf_counter() - t0))
         run.metrics_log.log(step + 1, metrics)
@@ -267,8 +305,39 @@ def train_dapo(
             on_step(step + 1, metrics)
         last = metrics
         run.end_step(model, step + 1, cfg.save_every, cfg.steps, stop_after, bar)
+    if own_engine:  # (an interrupted stage leaves its engine to the process's end)
+        rollout.close()
     run.close(bar)
     return last
+
+
+def _sampling_seed(seed: int, step: int, round_index: int, rank: int) -> int:
+    """The engine's sampling seed of one rollout round: a resumed run draws the same."""
+    return (seed * 1_000_003 + step * 1009 + round_index * 97 + rank) % 2**31
+
+
+def _mismatch_metrics(seen: list[SampledGroup]) -> dict[str, float]:
+    """`logprob_mismatch` between the engine's and the policy's log-probs over every
+    sampled token of this step, pooled over ranks."""
+    engine = [x for g in seen for lp in g.data["engine_logprobs"] for x in lp]
+    policy = [x for g in seen for lp in g.data["logprobs"] for x in lp]
+    gap = logprob_mismatch(torch.tensor(engine, dtype=torch.float64),
+                           torch.tensor(policy, dtype=torch.float64))
+    tokens = global_sum(gap["tokens"])
+    return {
+        "logprob_gap_mean": global_sum(gap["mean_abs"] * gap["tokens"]) / max(tokens, 1.0),
+        "logprob_gap_max": _max_float_over_ranks(gap["max_abs"]),
+        "logprob_kl_k3": global_sum(gap["kl_k3"] * gap["tokens"]) / max(tokens, 1.0),
+    }
+
+
+def _max_float_over_ranks(value: float) -> float:
+    import torch.distributed as dist
+
+    from common.distributed import all_reduce_values
+
+    return float(all_reduce_values(torch.tensor([value], dtype=torch.float64),
+                                   op=dist.ReduceOp.MAX).item())
 
 
 def _step_metrics(seen: list[SampledGroup], kept: list[SampledGroup], batch: PolicyBatch,

