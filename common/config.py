@@ -4,8 +4,10 @@ A config is a tree of dataclasses. `load_config(Cls, "run.yaml", ["train.lr=1e-5
 reads the file, applies each override (its value parsed as YAML), and builds `Cls`,
 checking every key and type on the way: an unknown key, a wrong type or a missing
 file is a `ConfigError` that names the key, where it came from and what was expected.
-`save_config` writes the resolved config into a run directory, so a run can be
-repeated from its own folder.
+A config dataclass may declare value ranges in a plain class attribute,
+`LIMITS = {"lr": ">0", "fraction": "[0,1]", "log_every": ">=1"}`, checked on load the
+same way. `save_config` writes the resolved config into a run directory, so a run can be
+repeated from its own folder; `resume_mismatch` compares it with a checkpoint's copy.
 """
 
 from __future__ import annotations
@@ -26,16 +28,19 @@ T = TypeVar("T")
 CONFIG_FILENAME = "config.yaml"
 
 
-def add_config_args(parser: argparse.ArgumentParser, required: bool = True) -> None:
-    """`--config FILE` and repeatable `--set KEY=VALUE` (dotted keys, YAML values)."""
+def add_config_args(parser: argparse.ArgumentParser, required: bool = True,
+                    example: str | None = None) -> None:
+    """`--config FILE` and repeatable `--set KEY=VALUE` (dotted keys, YAML values);
+    `example` is a real `KEY=VALUE` of the command's config, shown in the help."""
     parser.add_argument("--config", required=required, help="YAML config file")
+    shown = f", e.g. --set {example}" if example else ""
     parser.add_argument(
         "--set",
         dest="overrides",
         action="append",
         default=[],
         metavar="KEY=VALUE",
-        help="override one config key, e.g. --set train.lr=1e-5 (repeatable)",
+        help=f"override one config key (dotted key, YAML value){shown}; repeatable",
     )
 
 
@@ -53,9 +58,12 @@ def load_config(cls: type[T], path: str | Path | None, overrides: Sequence[str] 
         if not path.is_file():
             raise ConfigError(f"config file not found: {path}")
         try:
-            loaded = yaml.safe_load(path.read_text())
+            loaded = yaml.safe_load(path.read_text(encoding="utf-8"))
+        except UnicodeDecodeError as err:
+            raise ConfigError(f"{path}: not UTF-8 text (byte {err.start})") from None
         except yaml.YAMLError as err:
-            raise ConfigError(f"{path}: not valid YAML: {err}") from None
+            detail = " ".join(str(err).split())
+            raise ConfigError(f"{path}: not valid YAML: {detail}") from None
         if loaded is None:
             loaded = {}
         if not isinstance(loaded, dict):
@@ -120,9 +128,37 @@ def _set_dotted(data: dict, key: str, value: Any) -> None:
     node[parts[-1]] = value
 
 
+def _origin(key: str, source: str, origins: dict[str, str]) -> str:
+    """The `--set` that gave `key` (or a key under it), else the file."""
+    if key in origins:
+        return origins[key]
+    below = [origin for k, origin in origins.items() if k.startswith(key + ".")]
+    return below[0] if below else source
+
+
 def _where(prefix: str, name: str, source: str, origins: dict[str, str]) -> str:
     key = f"{prefix}{name}"
-    return f"{origins.get(key, source)}: key '{key}'"
+    return f"{_origin(key, source, origins)}: key '{key}'"
+
+
+def _check_limit(value: Any, rule: str, where: str) -> None:
+    """`rule` is ">0", ">=1", "<=1", "[0,1]", "(0,1]", ...; None values pass."""
+    if value is None or isinstance(value, bool) or not isinstance(value, (int, float)):
+        return
+    rule = rule.replace(" ", "")
+    if rule[0] in "[(":
+        low, high = (float(x) for x in rule[1:-1].split(","))
+        ok = (value >= low if rule[0] == "[" else value > low) and (
+            value <= high if rule[-1] == "]" else value < high)
+        expected = f"a value in {rule}"
+    else:
+        op = rule[:2] if rule[1] == "=" else rule[:1]
+        bound = float(rule[len(op):])
+        ok = {">": value > bound, ">=": value >= bound, "<": value < bound,
+              "<=": value <= bound}[op]
+        expected = f"a value {op} {rule[len(op):]}"
+    if not ok:
+        raise ConfigError(f"{where} expects {expected}, got {value!r}")
 
 
 def _build(cls: type[T], data: Any, prefix: str, source: str, origins: dict[str, str]) -> T:
@@ -136,7 +172,7 @@ def _build(cls: type[T], data: Any, prefix: str, source: str, origins: dict[str,
     if unknown:
         key = f"{prefix}{unknown[0]}"
         raise ConfigError(
-            f"{origins.get(key, source)}: unknown key '{key}' for {cls.__name__}; "
+            f"{_origin(key, source, origins)}: unknown key '{key}' for {cls.__name__}; "
             f"known keys: {', '.join(sorted(fields))}"
         )
     hints = typing.get_type_hints(cls)
@@ -146,7 +182,10 @@ def _build(cls: type[T], data: Any, prefix: str, source: str, origins: dict[str,
             kwargs[name] = _coerce(data[name], hints[name], prefix, name, source, origins)
         elif f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
             raise ConfigError(f"{source}: missing required key '{prefix}{name}' ({_type_name(hints[name])})")
-    return cls(**kwargs)
+    built = cls(**kwargs)
+    for name, rule in getattr(cls, "LIMITS", {}).items():
+        _check_limit(getattr(built, name), rule, _where(prefix, name, source, origins))
+    return built
 
 
 def _type_name(tp: Any) -> str:
@@ -227,3 +266,56 @@ def _coerce(value: Any, tp: Any, prefix: str, name: str, source: str, origins: d
     if isinstance(tp, type) and isinstance(value, tp):
         return value
     fail()
+
+
+def flatten(data: Any, prefix: str = "") -> dict[str, Any]:
+    """`{"a": {"b": 1}}` -> `{"a.b": 1}` (lists stay values)."""
+    if not isinstance(data, dict):
+        return {prefix.rstrip("."): data}
+    out: dict[str, Any] = {}
+    for key, value in data.items():
+        out.update(flatten(value, f"{prefix}{key}."))
+    return out
+
+
+def resume_mismatch(cfg: Any, saved: str | Path, keys: Sequence[str]) -> list[str]:
+    """Keys under the dotted prefixes `keys` (e.g. "model", "loss", "train.batch_size") whose
+    value in `cfg` differs from the run's saved `config.yaml`; each as `key: saved -> now`.
+    A missing saved file means nothing to compare."""
+    saved = Path(saved)
+    if not saved.is_file():
+        return []
+    try:
+        before = flatten(yaml.safe_load(saved.read_text(encoding="utf-8")) or {})
+    except (UnicodeDecodeError, yaml.YAMLError) as err:
+        raise ConfigError(f"{saved}: the run's saved config cannot be read ({type(err).__name__})") from None
+    now = flatten(to_dict(cfg))
+    wanted = tuple(keys)
+
+    def relevant(key: str) -> bool:
+        return any(key == k or key.startswith(k + ".") for k in wanted)
+
+    missing = object()
+    return [f"{key}: {before.get(key, '<absent>')!r} -> {now.get(key, '<absent>')!r}"
+            for key in sorted({k for k in (*before, *now) if relevant(k)})
+            if before.get(key, missing) != now.get(key, missing)]
+
+
+def check_resume_config(cfg: Any, run_dir: str | Path, keys: Sequence[str], force: bool) -> None:
+    """Stop a resume whose config differs from the run's saved one in `keys` (the settings
+    that change what the checkpoint means), unless `force`: then the differences are
+    logged. Call it before writing the new config.yaml."""
+    import logging
+
+    path = Path(run_dir) / CONFIG_FILENAME
+    diff = resume_mismatch(cfg, path, keys)
+    if not diff:
+        return
+    if force:
+        logging.getLogger(__name__).warning(
+            "--resume-force: resuming although the config differs from %s: %s", path, "; ".join(diff))
+        return
+    raise ConfigError(
+        f"{path}: resuming with a different config ({'; '.join(diff)}); "
+        "use the saved config, or --resume-force to continue anyway"
+    )

@@ -45,6 +45,11 @@ class DataConfig:
 
 @dataclass
 class DapoConfig:
+    LIMITS = {"steps": ">=1", "prompts_per_step": ">=1", "group_size": ">=2", "general_fraction": "[0,1]",
+              "lr": ">0", "weight_decay": ">=0", "grad_clip": ">=0", "epochs": ">=1",
+              "mini_batches": ">=1", "micro_batch_size": ">=0", "eps_low": "[0,1]", "eps_high": ">=0",
+              "kl_coef": ">=0", "max_extra_rounds": ">=0", "overlong_buffer": ">=0",
+              "hard_probe_per_task": ">=1", "save_every": ">=1"}
     steps: int = 50
     prompts_per_step: int = 32  # groups per update, over all ranks
     group_size: int = 8
@@ -72,6 +77,8 @@ class DapoConfig:
 
 @dataclass
 class SftConfig:
+    LIMITS = {"steps": ">=1", "batch_size": ">=1", "lr": ">0", "weight_decay": ">=0", "grad_clip": ">=0",
+              "general_fraction": "[0,1]", "max_length": ">=2", "save_every": ">=1"}
     steps: int = 100
     batch_size: int = 32  # sequences per step, over all ranks
     lr: float = 1e-3
@@ -88,6 +95,7 @@ class SftConfig:
 
 @dataclass
 class DiagnoseConfig:
+    LIMITS = {"threshold": "[0,1]", "bottom_k": ">=0", "weak_weight": ">0"}
     threshold: float = 0.8  # tasks scoring below are weak
     bottom_k: int = 0  # also mark the k lowest SNS tasks weak (0: threshold only)
     weak_weight: float = 3.0  # stage-2 sampling weight of a weak task (others 1)
@@ -95,9 +103,18 @@ class DiagnoseConfig:
 
 @dataclass
 class EvalConfig:
+    LIMITS = {"per_task": ">=0", "max_new_tokens": ">=1", "batch_size": ">=1"}
     per_task: int = 64  # eval rows per task (0: all)
     max_new_tokens: int = 16
     batch_size: int = 256
+
+
+@dataclass
+class RewardsConfig:
+    # The code reward runs policy code in a bubblewrap sandbox; true runs it without one
+    # where bwrap is missing (a warning each stage). Never on a shared machine.
+    allow_unsandboxed_code: bool = False
+    code_workers: int = 4  # sandboxed runs at once
 
 
 @dataclass
@@ -111,3 +128,4 @@ class PipelineConfig:
     stage2: SftConfig = field(default_factory=SftConfig)
     stage3: DapoConfig = field(default_factory=lambda: DapoConfig(hard_examples=True))
     eval: EvalConfig = field(default_factory=EvalConfig)
+    rewards: RewardsConfig = field(default_factory=RewardsConfig)

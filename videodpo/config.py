@@ -18,6 +18,7 @@ class ModelConfig:
 
 @dataclass
 class DataConfig:
+    LIMITS = {"num_frames": ">=0", "height": ">=0", "width": ">=0", "max_bad_row_fraction": "[0,1]"}
     manifest: str = ""  # GT-Pair manifest (JSONL/CSV) with chosen / rejected clips
     latent_cache: str = ""  # or a latent cache made by `videodpo precompute`
     num_frames: int = 0  # 0: as stored
@@ -28,6 +29,7 @@ class DataConfig:
 
 @dataclass
 class LossConfig:
+    LIMITS = {"beta": ">0", "sft_weight": ">=0"}
     kind: str = "reg_dpo"  # sft | dpo | reg_dpo
     beta: float = 500.0
     sft_weight: float = 1.0  # lambda of Reg-DPO
@@ -44,6 +46,8 @@ class LoraConfig:
 
 @dataclass
 class OptimConfig:
+    LIMITS = {"lr": ">0", "weight_decay": ">=0", "beta1": "[0,1)", "beta2": "[0,1)", "eps": ">0",
+              "warmup_steps": ">=0", "min_lr_ratio": "[0,1]", "grad_clip": ">=0"}
     lr: float = 1e-5
     weight_decay: float = 0.0
     beta1: float = 0.9
@@ -56,6 +60,8 @@ class OptimConfig:
 
 @dataclass
 class TrainConfig:
+    LIMITS = {"steps": ">=1", "batch_size": ">=1", "grad_accum": ">=1", "log_every": ">=1",
+              "checkpoint_every": ">=0", "max_nonfinite": ">=0"}
     steps: int = 1000  # optimizer steps
     batch_size: int = 1  # pairs per data-parallel rank per micro-step
     grad_accum: int = 1
