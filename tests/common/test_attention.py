@@ -33,21 +33,68 @@ def test_backends_match_float64_reference(backend, causal, kv_heads):
     torch.testing.assert_close(out.double().cpu(), ref.cpu(), rtol=tol, atol=tol)
 
 
+@pytest.mark.parametrize("kernel", ["cpu_flash", "math"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("causal", [False, True])
-def test_attention_with_lse_matches_reference(causal):
-    q, k, v = torch.randn(3, 1, 2, 7, 8).unbind(0)
-    out, lse = attn.attention_with_lse(q, k, v, causal=causal)
-    ref, ref_lse = reference(q, k, v, causal)
-    torch.testing.assert_close(out.double(), ref, rtol=1e-5, atol=1e-6)
-    torch.testing.assert_close(lse.double(), ref_lse, rtol=1e-5, atol=1e-6)
+def test_attention_with_lse_and_its_gradients_match_reference(kernel, dtype, causal):
+    """Output, lse and q/k/v gradients of a loss on both (GQA: 4 query, 2 K/V heads)."""
+    g = torch.Generator().manual_seed(0)
+    q, w = (torch.randn(2, 4, 7, 8, generator=g, dtype=dtype) for _ in range(2))
+    k, v = (torch.randn(2, 2, 7, 8, generator=g, dtype=dtype) for _ in range(2))
+    wl = torch.randn(2, 4, 7, generator=g, dtype=dtype)
+    q, k, v = (t.requires_grad_() for t in (q, k, v))
+    out, lse = attn.attention_with_lse(q, k, v, causal=causal, kernel=kernel)
+    grads = torch.autograd.grad((out * w).sum() + (lse * wl).sum(), (q, k, v))
+    qd, kd, vd = (t.detach().double().requires_grad_() for t in (q, k, v))
+    ref, ref_lse = reference(qd, kd, vd, causal)
+    ref_grads = torch.autograd.grad((ref * w.double()).sum() + (ref_lse * wl.double()).sum(), (qd, kd, vd))
+    tol = 1e-5 if dtype == torch.float32 else 1e-12
+    for name, got, want in zip(("out", "lse", "dq", "dk", "dv"), (out, lse, *grads), (ref, ref_lse, *ref_grads)):
+        err = (got.double() - want).abs().max() / want.abs().max()
+        assert err < tol, f"{name}: relative error {err:.1e}"
 
 
-def test_causal_offsets_mask_by_global_position():
-    q, k, v = torch.randn(3, 1, 1, 8, 4).unbind(0)
-    full, _ = attn.attention_with_lse(q, k, v, causal=True)
-    # the second half of the queries against all keys, positioned at offset 4
-    half, _ = attn.attention_with_lse(q[:, :, 4:], k, v, causal=True, q_offset=4)
-    torch.testing.assert_close(half, full[:, :, 4:])
+def test_lse_backward_from_merged_result_gives_each_block_its_share():
+    """Ring attention's backward: two key blocks, each recomputed from the merged out and
+    lse, add up to the gradient of attention over all keys."""
+    g = torch.Generator().manual_seed(1)
+    q, dout = (torch.randn(1, 2, 6, 8, generator=g, dtype=torch.float64) for _ in range(2))
+    k, v = (torch.randn(1, 2, 10, 8, generator=g, dtype=torch.float64) for _ in range(2))
+    scale = 8**-0.5
+    parts = [attn.lse_forward(q, k[:, :, s], v[:, :, s], False, scale, "cpu_flash")
+             for s in (slice(0, 4), slice(4, 10))]
+    out, lse = attn.merge_by_lse(parts)
+    full_out, full_lse = attn.lse_forward(q, k, v, False, scale, "cpu_flash")
+    torch.testing.assert_close(out, full_out)
+    torch.testing.assert_close(lse, full_lse)
+    full = attn.lse_backward(dout, q, k, v, full_out, full_lse, False, scale, "cpu_flash")
+    dq = torch.zeros_like(q)
+    dk, dv = [], []
+    for s in (slice(0, 4), slice(4, 10)):
+        dq_b, dk_b, dv_b = attn.lse_backward(dout, q, k[:, :, s], v[:, :, s], out, lse, False, scale, "cpu_flash")
+        dq += dq_b
+        dk.append(dk_b)
+        dv.append(dv_b)
+    torch.testing.assert_close(dq, full[0])
+    torch.testing.assert_close(torch.cat(dk, 2), full[1])
+    torch.testing.assert_close(torch.cat(dv, 2), full[2])
+
+
+def test_no_keys_gives_zeros_and_minus_inf():
+    q = torch.randn(1, 2, 3, 4)
+    out, lse = attn.attention_with_lse(q, q[:, :, :0], q[:, :, :0])
+    assert torch.equal(out, torch.zeros_like(q))
+    assert torch.isneginf(lse).all()
+
+
+def test_lse_kernel_choice_is_logged_once(caplog, monkeypatch):
+    monkeypatch.setattr(attn, "_announced_lse", set())
+    with caplog.at_level(logging.INFO, logger="common.attention"):
+        for dtype in (torch.float32, torch.float64, torch.float32):
+            assert attn.lse_kernel("cpu", dtype) == "cpu_flash"
+    assert [r.getMessage() for r in caplog.records] == ["attention-with-LSE kernel: cpu_flash"]
+    with pytest.raises(ValueError, match="unknown attention-with-LSE kernel"):
+        attn.lse_forward(*torch.randn(3, 1, 1, 4, 8).unbind(0), False, 1.0, "magic")
 
 
 def test_missing_backend_names_what_is_installed():
