@@ -34,6 +34,7 @@ from llmpost.dapo import (
     tis_weights,
 )
 from llmpost.data import TaskRecord, encode_prompt, mix
+from llmpost.logprobs import response_logprobs
 from llmpost.policy import any_rank, global_sum, rank_and_world, start_stage
 from llmpost.rewards import RewardRegistry
 from llmpost.rollout import (
@@ -41,7 +42,6 @@ from llmpost.rollout import (
     VLLMRollout,
     build_rollout,
     pack_right_padded,
-    token_logprobs,
 )
 
 logger = logging.getLogger(__name__)
@@ -117,8 +117,8 @@ def dapo_update(
                     ref, engine = part.ref_logprobs, part.engine_logprobs
                 ids, attn, mask = pack_right_padded(prompts, responses, pad_id)
                 device = next(model.parameters()).device
-                logp, ent = token_logprobs(model, ids.to(device), attn.to(device), temperature,
-                                           with_entropy=True)
+                logp, ent = response_logprobs(model, ids.to(device), attn.to(device), mask,
+                                              temperature, with_entropy=True)
                 old_t = _scatter_tokens(old, mask, logp)
                 mask = mask.to(device) * weight
                 token_weights = None

@@ -19,6 +19,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from common.errors import ConfigError
+from llmpost.logprobs import response_logprobs, sampled_logprobs
 
 
 @dataclass
@@ -151,8 +152,7 @@ class HFRollout:
             out = self.model.generate(input_ids=ids.to(device), attention_mask=attn.to(device), **kwargs)
             new_tokens = out.sequences[:, width:]
             if from_logits:
-                steps = torch.stack(out.logits, dim=1).float() / cfg.temperature  # (B, T, V)
-                chosen = steps.log_softmax(-1).gather(-1, new_tokens.unsqueeze(-1)).squeeze(-1)
+                chosen = sampled_logprobs(out.logits, new_tokens, cfg.temperature)
                 logprobs += chosen.cpu().tolist()
             for row in new_tokens.tolist():
                 if eos_id in row:
@@ -187,7 +187,8 @@ class HFRollout:
             p = prompts[start : start + self.config.batch_size]
             r = [x or [self.tokenizer.eos_token_id] for x in responses[start : start + len(p)]]
             ids, attn, mask = pack_right_padded(p, r, self.tokenizer.pad_token_id)
-            logp, _ = token_logprobs(self.model, ids.to(device), attn.to(device), self.config.temperature)
+            logp, _ = response_logprobs(self.model, ids.to(device), attn.to(device), mask,
+                                        self.config.temperature)
             for b in range(len(p)):
                 sel = mask[b].bool()
                 n = len(responses[start + b])

@@ -24,6 +24,7 @@ from common.metrics import progress
 from common.regularizer import DataRegularizer
 from llmpost.config import SftConfig
 from llmpost.data import TaskRecord, encode_prompt, encode_response, mix, sample_weighted
+from llmpost.logprobs import DEFAULT_CHUNK_SIZE, response_logprobs
 from llmpost.policy import global_sum, rank_and_world, start_stage
 
 logger = logging.getLogger(__name__)
@@ -80,21 +81,32 @@ def collate_packed(examples: list[tuple[list[int], list[int]]], pad_id: int, max
 
 
 def completion_loss(model: torch.nn.Module, batch: dict[str, torch.Tensor],
-                    num_tokens: float | None = None) -> torch.Tensor:
-    """Sum of answer-token cross-entropies / `num_tokens` (default: this batch's count)."""
+                    num_tokens: float | None = None,
+                    chunk_size: int = DEFAULT_CHUNK_SIZE) -> torch.Tensor:
+    """Sum of answer-token cross-entropies / `num_tokens` (default: this batch's count).
+
+    The LM head runs on the label positions only, `chunk_size` of them at a time
+    (`llmpost.logprobs`), so no `(B, S, V)` logits are formed.
+    """
     device = next(model.parameters()).device
-    inputs = {k: v.to(device) for k, v in batch.items() if k != "labels"}
-    logits = model(**inputs).logits[:, :-1].float()
     labels = batch["labels"][:, 1:].to(device)
-    total = F.cross_entropy(logits.reshape(-1, logits.size(-1)), labels.reshape(-1),
-                            ignore_index=IGNORE, reduction="sum")
-    denom = num_tokens if num_tokens is not None else (labels != IGNORE).sum().item()
-    return total / max(float(denom), 1.0)
+    scored = labels != IGNORE
+    position_ids = batch.get("position_ids")
+    logp, _ = response_logprobs(
+        model, batch["input_ids"].to(device), batch["attention_mask"].to(device), scored,
+        chunk_size=chunk_size, targets=labels.clamp(min=0),
+        position_ids=position_ids.to(device) if position_ids is not None else None)
+    denom = num_tokens if num_tokens is not None else scored.sum().item()
+    return -logp.sum() / max(float(denom), 1.0)
 
 
 def per_sample_completion_loss(model: torch.nn.Module, batch: dict[str, torch.Tensor]
                                ) -> torch.Tensor:
-    """`(B,)`: each row's mean cross-entropy over its answer tokens (the regularizer's loss)."""
+    """`(B,)`: each row's mean cross-entropy over its answer tokens (the regularizer's loss).
+
+    Full logits on purpose: the regularizer's ghost path hooks the LM head and needs its
+    per-sample `(B, S, D)` input and `(B, S, V)` output gradient.
+    """
     device = next(model.parameters()).device
     inputs = {k: v.to(device) for k, v in batch.items() if k != "labels"}
     logits = model(**inputs).logits[:, :-1].float()
