@@ -25,6 +25,8 @@ class DataConfig:
     height: int = 0
     width: int = 0
     max_bad_row_fraction: float = 0.1  # corrupt rows are skipped and counted up to this share
+    num_workers: int = 2  # DataLoader worker processes that decode and resize ahead of the step
+    prefetch_factor: int = 2  # rows each worker reads ahead
 
 
 @dataclass

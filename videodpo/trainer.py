@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import copy
+import functools
 import logging
 import math
 from collections.abc import Callable, Iterator
@@ -32,6 +33,7 @@ from torch import nn
 from common.config import add_config_args, config_from_args, save_config
 from common.errors import ConfigError, UserError
 from videodpo.config import RunConfig
+from videodpo.data.loader import PairLoader, PairSampler
 from videodpo.losses import LOSS_KINDS, loss_weights, per_sample_error, reg_dpo_loss
 from videodpo.models import VideoModelAdapter, load_adapter
 from videodpo.models.base import Conditions
@@ -84,95 +86,6 @@ def collate_pairs(adapter: VideoModelAdapter, items: list[dict]) -> PairBatch:
                 raise UserError("I2V training from latents needs cached image_latents")
             cond.update(adapter.image_conditions(first, num_frames))
     return PairBatch(chosen, rejected, cond)
-
-
-class PairSampler:
-    """Resumable shuffled order over dataset indices, a different share per data rank.
-
-    Epoch e visits `randperm(N)` seeded by (seed, e); data rank r of R takes every R-th
-    index. The state is (epoch, position), so resuming costs nothing.
-    """
-
-    def __init__(self, size: int, seed: int, rank: int = 0, replicas: int = 1) -> None:
-        if size < replicas:
-            raise UserError(f"{size} training pairs cannot be split over {replicas} data-parallel ranks")
-        self.size, self.seed, self.rank, self.replicas = size, seed, rank, replicas
-        self.epoch, self.position = 0, 0
-        self._order = self._epoch_order()
-
-    def _epoch_order(self) -> list[int]:
-        g = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
-        order = torch.randperm(self.size, generator=g).tolist()
-        usable = len(order) - len(order) % self.replicas
-        return order[self.rank:usable:self.replicas]
-
-    def __iter__(self) -> Iterator[int]:
-        return self
-
-    def __next__(self) -> int:
-        if self.position >= len(self._order):
-            self.epoch, self.position = self.epoch + 1, 0
-            self._order = self._epoch_order()
-        index = self._order[self.position]
-        self.position += 1
-        return index
-
-    def state_dict(self) -> dict[str, int]:
-        return {"epoch": self.epoch, "position": self.position}
-
-    def load_state_dict(self, state: dict[str, int]) -> None:
-        self.epoch, self.position = int(state["epoch"]), int(state["position"])
-        self._order = self._epoch_order()
-
-
-class PairLoader:
-    """Batches of `PairBatch` from a map-style dataset; rows that fail to load (the
-    dataset returns None or raises a `DataError`) are skipped and counted."""
-
-    def __init__(self, dataset: Any, adapter: VideoModelAdapter, batch_size: int, sampler: PairSampler,
-                 max_bad_fraction: float = 0.1) -> None:
-        self.dataset, self.adapter, self.batch_size, self.sampler = dataset, adapter, batch_size, sampler
-        self.max_bad_fraction = max_bad_fraction
-        self.skipped, self.seen = 0, 0
-
-    @property
-    def skipped_rows(self) -> int:
-        """Rows this loader skipped plus those the dataset skipped itself."""
-        bad = getattr(self.dataset, "bad", None)
-        return self.skipped + (bad.count if bad is not None else 0)
-
-    def next_batch(self) -> PairBatch:
-        from common.errors import DataError
-
-        items: list[dict] = []
-        while len(items) < self.batch_size:
-            index = next(self.sampler)
-            self.seen += 1
-            if hasattr(self.dataset, "bad"):  # videodpo.data datasets skip, count and abort themselves
-                item = self.dataset[index]
-            else:
-                try:
-                    item = self.dataset[index]
-                except DataError as err:
-                    logger.warning("skipping pair %d: %s", index, err)
-                    item = None
-            if item is None:
-                self.skipped += 1
-                if self.skipped > max(1, self.max_bad_fraction * len(self.dataset)):
-                    raise UserError(
-                        f"{self.skipped} of {len(self.dataset)} training pairs could not be read "
-                        f"(more than data.max_bad_row_fraction={self.max_bad_fraction}); run `videodpo check-data`"
-                    )
-                continue
-            items.append(item)
-        return collate_pairs(self.adapter, items)
-
-    def state_dict(self) -> dict[str, int]:
-        return {**self.sampler.state_dict(), "skipped": self.skipped, "seen": self.seen}
-
-    def load_state_dict(self, state: dict[str, int]) -> None:
-        self.sampler.load_state_dict(state)
-        self.skipped, self.seen = int(state.get("skipped", 0)), int(state.get("seen", 0))
 
 
 def random_pair_batch(adapter: VideoModelAdapter, batch_size: int, num_frames: int, height: int, width: int,
@@ -461,7 +374,8 @@ def train(
         save_config(cfg, out_dir)
     dataset = open_training_data(cfg, state.adapter) if dataset is None else dataset
     sampler = PairSampler(len(dataset), cfg.train.seed, layout.dp_rank, layout.dp_size)
-    loader = PairLoader(dataset, state.adapter, cfg.train.batch_size, sampler, cfg.data.max_bad_row_fraction)
+    loader = PairLoader(dataset, cfg.train.batch_size, sampler, functools.partial(collate_pairs, state.adapter),
+                        cfg.data.max_bad_row_fraction, cfg.data.num_workers, cfg.data.prefetch_factor)
     checkpointer = Checkpointer(out_dir / "checkpoints", keep_last=cfg.train.keep_checkpoints)
     if resume:
         extra: dict = {}
@@ -497,10 +411,12 @@ def train(
                               extra={"data": loader.state_dict(), "nonfinite": state.nonfinite,
                                      "generator": state.generator.get_state()})
         if stop_after is not None and state.step >= stop_after:
+            loader.close()
             bar.close()
             metrics_log.close()
             return TrainResult(out_dir, state.step, state.history, None, loader.skipped_rows, state.nonfinite)
     bar.close()
+    loader.close()
     export_dir = export_model(state, out_dir / ("final_lora" if state.lora else "final"))
     metrics_log.close()
     layout.barrier()

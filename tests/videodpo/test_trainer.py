@@ -99,7 +99,7 @@ def test_unreadable_rows_are_skipped_and_counted(tmp_path):
     assert result.history[-1]["skipped_rows"] == 1.0
     cfg.data.max_bad_row_fraction = 0.1
     cfg.out_dir = str(tmp_path / "strict")
-    with pytest.raises(UserError, match="could not be read"):
+    with pytest.raises(DataError, match="rows are bad"):
         train(cfg, dataset=PairList(n=6, bad=(0, 1, 2)), adapter=_adapter())
 
 
@@ -118,13 +118,21 @@ def test_non_finite_steps_are_skipped_counted_and_abort(tmp_path):
 
 def test_sampler_resumes_mid_epoch_and_splits_ranks():
     a = PairSampler(10, seed=1)
-    first = [next(a) for _ in range(13)]
-    assert sorted(first[:10]) == list(range(10)) and a.state_dict() == {"epoch": 1, "position": 3}
+    stream = iter(a)
+    first = [next(stream) for _ in range(13)]
+    assert sorted(first[:10]) == list(range(10))
+    a.advance(13)
+    assert a.state_dict() == {"epoch": 1, "position": 3}
     b = PairSampler(10, seed=1)
     b.load_state_dict(a.state_dict())
-    assert [next(a) for _ in range(9)] == [next(b) for _ in range(9)]
+    assert [next(stream) for _ in range(9)] == _first(b, 9)
     r0, r1 = PairSampler(10, seed=1, rank=0, replicas=2), PairSampler(10, seed=1, rank=1, replicas=2)
-    assert sorted([next(r0) for _ in range(5)] + [next(r1) for _ in range(5)]) == list(range(10))
+    assert sorted(_first(r0, 5) + _first(r1, 5)) == list(range(10))
+
+
+def _first(sampler, n):
+    stream = iter(sampler)
+    return [next(stream) for _ in range(n)]
 
 
 def test_warmup_then_cosine():

@@ -4,8 +4,12 @@ A bad row (a missing or undecodable file, an empty caption, two clips of differe
 shapes, a damaged cache shard) is skipped: logged once, counted, and replaced by the
 next good row, so every batch stays full and every data-parallel rank sees the same
 number of samples. When more than `max_bad_fraction` of all rows turn out bad, a
-`DataError` stops training with the count and the first reasons. With DataLoader
-workers each worker keeps its own count (of the rows it has seen).
+`DataError` stops training with the count and the first reasons.
+
+Indexing a dataset replaces a bad row by the next good one and counts it in that
+process. The training loader (`videodpo.data.loader.PairLoader`) reads rows in worker
+processes with `read_row` instead, which never replaces a row: the worker sends the
+reason back and the main process keeps the one count (`BadRows.mark`).
 """
 
 from __future__ import annotations
@@ -170,6 +174,23 @@ class CachedPairDataset(_SkippingDataset):
 
     def load(self, index: int) -> dict:
         return self.cache[index]
+
+
+def read_row(dataset: Dataset, index: int) -> tuple[dict | None, tuple[int, str] | None]:
+    """Row `index` as `(item, None)`, or `(None, (row number, reason))` when it is bad.
+
+    A `videodpo.data` dataset is read without its skip-and-replace; any other map-style
+    dataset is indexed and a `DataError` it raises marks the row bad (row = index + 1).
+    """
+    if isinstance(dataset, _SkippingDataset):
+        try:
+            return dataset.load(index), None
+        except DataError as err:
+            return None, (dataset.row_number(index), str(err))
+    try:
+        return dataset[index], None
+    except DataError as err:
+        return None, (index + 1, str(err))
 
 
 def collate_pairs(items: list[dict]) -> dict:
