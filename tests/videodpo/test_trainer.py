@@ -55,6 +55,13 @@ def _adapter():
     return build_pixel_adapter("wan", "t2v", seed=0, height=8, width=8, num_frames=4)
 
 
+def _assert_trained(params: dict[str, torch.Tensor]) -> None:
+    """Training moved the parameters away from `_adapter()`'s start (a no-op optimizer fails)."""
+    start = _adapter().transformer.state_dict()
+    moved = [n for n in start if not torch.equal(params[n].detach().cpu(), start[n])]
+    assert len(moved) > len(start) // 2, f"only {len(moved)} of {len(start)} tensors changed"
+
+
 def test_full_finetune_exports_a_loadable_model(tmp_path):
     cfg = _cfg(tmp_path)
     adapter = _adapter()
@@ -65,6 +72,7 @@ def test_full_finetune_exports_a_loadable_model(tmp_path):
     loaded = load_adapter(result.export_dir)
     for (name, p), (_, q) in zip(adapter.transformer.named_parameters(), loaded.transformer.named_parameters()):
         assert torch.equal(p, q), name
+    _assert_trained(loaded.transformer.state_dict())
     assert (tmp_path / "run" / "config.yaml").is_file()
 
 
@@ -82,6 +90,11 @@ def test_kill_and_resume_gives_identical_parameters(tmp_path, lora):
     resumed = _adapter()
     result = train(broken, resume=True, dataset=PairList(), adapter=resumed)
     assert result.steps == 4
+    if lora:  # the LoRA B matrices left zero
+        lora_b = [p for n, p in resumed.transformer.named_parameters() if "lora_B" in n]
+        assert lora_b and all(p.abs().max() > 0 for p in lora_b)
+    else:
+        _assert_trained(resumed.transformer.state_dict())
     for (name, p), (_, q) in zip(full.transformer.named_parameters(), resumed.transformer.named_parameters()):
         assert torch.equal(p, q), name
 
@@ -186,6 +199,7 @@ def test_pair_and_cp_training_equal_single_process(tmp_path, pair, cp, cp_mode):
     from tests.multiproc import run_on_ranks
 
     losses, params = _train_layout(0, 1, tmp_path / "single", 1, 1, "ulysses")
+    _assert_trained(params)
     results = run_on_ranks(_train_layout, 2, str(tmp_path / "multi"), pair, cp, cp_mode)
     for rank_losses, rank_params in results:
         assert rank_losses == pytest.approx(losses, rel=1e-5)
@@ -273,6 +287,7 @@ def test_training_from_the_latent_cache_equals_training_from_clips(tmp_path):
             cfg.data.latent_cache = str(tmp_path / "cache")
         result = train(cfg)
         finals.append((result.history, load_adapter(result.export_dir).transformer))
+        _assert_trained(finals[-1][1].state_dict())
     assert [h["loss"] for h in finals[0][0]] == pytest.approx([h["loss"] for h in finals[1][0]], rel=1e-5)
     for (name, p), (_, q) in zip(finals[0][1].named_parameters(), finals[1][1].named_parameters()):
         torch.testing.assert_close(p, q, rtol=0, atol=1e-5, msg=name)
