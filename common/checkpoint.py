@@ -6,6 +6,11 @@ one small file per rank with the scheduler, the caller's `extra` state (data pos
 counters) and every RNG state. It is written under a temporary name and renamed when
 complete, so a run killed mid-write leaves nothing that `latest()` would pick. Only the
 newest `keep_last` checkpoints are kept.
+
+Resuming never goes wrong quietly: a complete checkpoint that fails to load (corrupt
+files, a different model size) is reported by path and the previous complete one is
+tried, which is said too; when none loads, `CheckpointError` lists why each failed.
+`trim_metrics_log` drops the log lines a resumed run will write again.
 """
 
 from __future__ import annotations
@@ -24,6 +29,7 @@ import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch import nn
+from torch.distributed.checkpoint.api import CheckpointException  # a BaseException
 from torch.distributed.checkpoint.state_dict import (
     StateDictOptions,
     get_model_state_dict,
@@ -32,10 +38,31 @@ from torch.distributed.checkpoint.state_dict import (
     set_state_dict,
 )
 
+from common.distributed import all_reduce_values
+from common.errors import UserError
+
 logger = logging.getLogger(__name__)
 
 STEP_DIR = re.compile(r"^step_(\d{9})$")
 COMPLETE_MARKER = "complete.json"
+
+
+class CheckpointError(UserError):
+    """No checkpoint of a run could be loaded; the message names each path and why."""
+
+
+def _short(err: BaseException) -> str:
+    """An exception as one line (DCP's CheckpointException carries per-rank tracebacks:
+    keep the last `SomeError: message` line of them)."""
+    lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+    causes = [line for line in lines if re.match(r"^[\w.]+(Error|Exception): ", line)]
+    text = causes[-1] if causes else (lines[0] if lines else "")
+    return f"{type(err).__name__}: {text[:300]}"
+
+
+def _any_rank_failed(failed: bool) -> bool:
+    flag = torch.tensor([1.0 if failed else 0.0], dtype=torch.float64)
+    return bool(all_reduce_values(flag).item() > 0)
 
 
 def _rank() -> int:
@@ -131,12 +158,52 @@ class Checkpointer:
         extra: dict[str, Any] | None = None,
         which: str | Path = "latest",
     ) -> int | None:
-        """Restore the state in place; return its step, or None if there is none to load."""
-        path = self.latest() if which == "latest" else Path(which)
-        if path is None:
+        """Restore the state in place; return its step, or None if there is none to load.
+
+        With `which="latest"`, a checkpoint that fails to load on any rank is reported and
+        the previous complete one is tried (all ranks move on together)."""
+        if which != "latest":
+            path = Path(which)
+            if not (path / COMPLETE_MARKER).is_file():
+                raise CheckpointError(f"{path}: not a complete checkpoint (no {COMPLETE_MARKER})")
+            candidates = [path]
+        else:
+            candidates = self.step_dirs()[::-1]
+        if not candidates:
             return None
-        if not (path / COMPLETE_MARKER).is_file():
-            raise FileNotFoundError(f"{path}: not a complete checkpoint (no {COMPLETE_MARKER})")
+        reasons = []
+        for i, path in enumerate(candidates):
+            error = None
+            try:  # rank-local state first, so a rank that cannot read it never enters DCP alone
+                local = self._read_local(path)
+            except Exception as err:  # noqa: BLE001 - any failure: report it, try the previous one
+                error = _short(err)
+            if not _any_rank_failed(error is not None):
+                try:
+                    self._restore(path, local, model, optimizer, scheduler, extra)
+                except (Exception, CheckpointException) as err:  # noqa: BLE001 - DCP raises on all ranks
+                    error = _short(err)
+                if not _any_rank_failed(error is not None):
+                    if reasons:
+                        logger.warning("resumed from the previous complete checkpoint %s", path)
+                    logger.info("resumed from %s (step %d)", path, local["step"])
+                    return int(local["step"])
+            reasons.append(f"{path}: {error or 'failed on another rank'}")
+            nxt = f"; trying the previous one, {candidates[i + 1]}" if i + 1 < len(candidates) else ""
+            logger.warning("checkpoint %s failed to load (%s)%s", path, error or "on another rank", nxt)
+        raise CheckpointError("no checkpoint could be loaded: " + " | ".join(reasons))
+
+    def _read_local(self, path: Path) -> dict[str, Any]:
+        local_file = path / f"rank_{_rank():05d}.pt"
+        if not local_file.is_file():
+            saved = json.loads((path / COMPLETE_MARKER).read_text())["world_size"]
+            raise CheckpointError(
+                f"{path}: no state for rank {_rank()} (saved with {saved} ranks); "
+                "resume with the same number of ranks"
+            )
+        return torch.load(local_file, weights_only=False)
+
+    def _restore(self, path: Path, local: dict[str, Any], model, optimizer, scheduler, extra) -> None:
         state = self._model_optim_state(model, optimizer)
         if state:
             dcp.load(state, checkpoint_id=str(path / "dcp"))
@@ -145,22 +212,12 @@ class Checkpointer:
                                optim_state_dict=state["optimizer"])
             elif model is not None:
                 set_model_state_dict(model, state["model"])
-        local_file = path / f"rank_{_rank():05d}.pt"
-        if not local_file.is_file():
-            saved = json.loads((path / COMPLETE_MARKER).read_text())["world_size"]
-            raise FileNotFoundError(
-                f"{path}: no state for rank {_rank()} (saved with {saved} ranks); "
-                "resume with the same number of ranks"
-            )
-        local = torch.load(local_file, weights_only=False)
         if scheduler is not None and local["scheduler"] is not None:
             scheduler.load_state_dict(local["scheduler"])
         if extra is not None:
             extra.clear()
             extra.update(local["extra"])
         set_rng_state(local["rng"])
-        logger.info("resumed from %s (step %d)", path, local["step"])
-        return int(local["step"])
 
     @staticmethod
     def _model_optim_state(model, optimizer) -> dict[str, Any]:
@@ -177,3 +234,26 @@ class Checkpointer:
             return
         for old in self.step_dirs()[: -self.keep_last]:
             shutil.rmtree(old, ignore_errors=True)
+
+
+def trim_metrics_log(run_dir: str | Path, step: int, name: str = "metrics.jsonl") -> int:
+    """Drop the lines of `run_dir/name` logged after `step` (a resumed run logs them again);
+    returns how many went. Rank 0 only; the file is replaced atomically."""
+    path = Path(run_dir) / name
+    if _rank() != 0 or not path.is_file():
+        return 0
+    kept, dropped = [], 0
+    for line in path.read_text().splitlines():
+        try:
+            logged = json.loads(line).get("step", 0)
+        except (json.JSONDecodeError, AttributeError):
+            logged = step + 1  # a line cut by the kill
+        if isinstance(logged, (int, float)) and logged > step:
+            dropped += 1
+        else:
+            kept.append(line + "\n")
+    if dropped:
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text("".join(kept))
+        tmp.replace(path)
+    return dropped

@@ -124,3 +124,56 @@ def test_fsdp_sharded_save_load_two_ranks(tmp_path):
         for name in before:
             assert torch.equal(before[name], restored[name]), name
             assert torch.equal(continued[name], resumed[name]), name
+
+
+def _corrupt(step_dir):
+    """Overwrite the middle of every DCP data file: still 'complete', no longer loadable."""
+    for f in (step_dir / "dcp").glob("*.distcp"):
+        data = bytearray(f.read_bytes())
+        data[len(data) // 4: len(data) // 2] = b"\x00" * (len(data) // 2 - len(data) // 4)
+        f.write_bytes(bytes(data[: len(data) // 2]))
+
+
+def test_resume_falls_back_from_a_corrupt_latest_checkpoint(tmp_path, caplog):
+    _run(str(tmp_path / "a"), 12)
+    _run(str(tmp_path / "b"), 8)  # checkpoints at 4 and 8
+    _corrupt(tmp_path / "b" / "step_000000008")
+    with caplog.at_level("WARNING", logger="common.checkpoint"):
+        _run(str(tmp_path / "b"), 12)  # step 8 fails, step 4 loads, 8 steps follow
+    assert "step_000000008 failed to load" in caplog.text
+    assert "previous complete checkpoint" in caplog.text and "step_000000004" in caplog.text
+    a = torch.load(tmp_path / "a" / "final.pt")
+    b = torch.load(tmp_path / "b" / "final.pt")
+    assert a["data"] == b["data"] == {"position": 12}
+    for name, tensor in a["params"].items():
+        assert torch.equal(tensor, b["params"][name]), name
+
+
+def test_resume_from_a_different_model_size_is_one_error_naming_each_checkpoint(tmp_path):
+    import pytest
+
+    from common.checkpoint import CheckpointError
+
+    model, opt, sched = make_state()
+    ck = Checkpointer(tmp_path)
+    ck.save(1, model, opt, sched)
+    ck.save(2, model, opt, sched)
+    bigger = tiny.tiny_qwen3(0, vocab=96)
+    with pytest.raises(CheckpointError) as err:
+        ck.load(bigger, torch.optim.AdamW(bigger.parameters()))
+    message = str(err.value)
+    assert "\n" not in message
+    assert "step_000000002" in message and "step_000000001" in message
+    assert "size" in message.lower()
+
+
+def test_resume_trims_metrics_logged_after_the_checkpoint(tmp_path):
+    import json
+
+    from common.checkpoint import trim_metrics_log
+
+    lines = [json.dumps({"step": s, "loss": 1.0 / s}) for s in range(1, 7)] + ['{"step": 7, "lo']
+    (tmp_path / "metrics.jsonl").write_text("\n".join(lines) + "\n")
+    assert trim_metrics_log(tmp_path, 4) == 3
+    kept = [json.loads(x)["step"] for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert kept == [1, 2, 3, 4]
