@@ -168,8 +168,9 @@ def _max_over_ranks(value: int) -> int:
 def score_responses(
     records: list[TaskRecord], texts: list[str], registry: RewardRegistry
 ) -> list[float]:
-    return [registry.score(r.reward, r.prompt_text(), t, r.reference, r.meta)
-            for r, t in zip(records, texts)]
+    # score_many: code rewards run side by side in the sandbox pool
+    return registry.score_many([(r.reward, r.prompt_text(), t, r.reference, r.meta)
+                                for r, t in zip(records, texts)])
 
 
 def train_dapo(
