@@ -298,11 +298,11 @@ def attention_with_lse(
     Differentiable in q, k, v through both results. Runs on the kernel `lse_kernel` picks
     (or `kernel`), never materialising the score matrix except on the `math` kernel.
     K/V may have fewer heads (GQA). A causal mask is top-left aligned (query i sees keys
-    0..i). With no keys at all the result is zeros with a log-sum-exp of -inf.
+    0..i). With no keys at all the result is zeros (with a zero gradient) and a log-sum-exp of -inf.
     """
     scale = q.shape[-1] ** -0.5 if scale is None else scale
-    if k.shape[2] == 0:
-        out = q.new_zeros(*q.shape[:-1], v.shape[-1])
+    if k.shape[2] == 0:  # kept in q's graph: a collective after this must run on every rank
+        out = q[..., :1].expand(*q.shape[:-1], v.shape[-1]) * 0.0
         lse = torch.full(q.shape[:-1], float("-inf"), device=q.device,
                          dtype=torch.promote_types(q.dtype, torch.float32))
         return out, lse

@@ -60,6 +60,7 @@ __all__ = [
     "split_sequence",
     "ulysses_attention",
     "usp_attention",
+    "valid_length",
 ]
 
 LAYOUTS = ("contiguous", "zigzag")
@@ -95,6 +96,15 @@ def shard_positions(rank: int, size: int, local_len: int, layout: str) -> list[t
     chunks = _chunks_of(rank, size, layout)
     length = local_len // len(chunks)
     return [(chunk * length, length) for chunk in chunks]
+
+
+def valid_length(rank: int, size: int, local_len: int, layout: str, seq_len: int | None) -> int:
+    """How many leading tokens of rank `rank`'s shard are not padding. Padding is the end
+    of the global sequence and a shard's positions increase, so it is always a prefix."""
+    if seq_len is None:
+        return local_len
+    runs = shard_positions(rank, size, local_len, layout)
+    return sum(max(0, min(length, seq_len - start)) for start, length in runs)
 
 
 def padded_length(seq_len: int, parts: int) -> int:
@@ -402,15 +412,6 @@ def _wait(pending) -> list[torch.Tensor]:
     return received
 
 
-def _valid_length(rank: int, size: int, local_len: int, layout: str, seq_len: int | None) -> int:
-    """How many leading tokens of rank `rank`'s shard are not padding. Padding is the end
-    of the global sequence and a shard's positions increase, so it is always a prefix."""
-    if seq_len is None:
-        return local_len
-    runs = shard_positions(rank, size, local_len, layout)
-    return sum(max(0, min(length, seq_len - start)) for start, length in runs)
-
-
 def _ring_blocks(rank: int, source: int, size: int, s: int, layout: str, causal: bool):
     """The (query slice, key slice, causal) pieces of the attention of rank `rank`'s
     queries to the K/V shard of rank `source`. Only square diagonal pieces are causal."""
@@ -428,8 +429,8 @@ def _ring_blocks(rank: int, source: int, size: int, s: int, layout: str, causal:
 
 def _ring_pieces(rank, source, size, s, layout, causal, seq_len):
     """`_ring_blocks` cut to the valid (non-padding) queries and keys; empty ones dropped."""
-    q_valid = _valid_length(rank, size, s, layout, seq_len)
-    k_valid = _valid_length(source, size, s, layout, seq_len)
+    q_valid = valid_length(rank, size, s, layout, seq_len)
+    k_valid = valid_length(source, size, s, layout, seq_len)
     pieces = []
     for q0, q1, k0, k1, piece_causal in _ring_blocks(rank, source, size, s, layout, causal):
         q1, k1 = min(q1, q_valid), min(k1, k_valid)

@@ -48,11 +48,12 @@ class ParallelLayout:
         if self.cp_size > 1:
             from common.context_parallel import build_cp_groups
             from common.cp_plans import apply_context_parallel
+            from videodpo.models.cp_plans import cp_plan_for
 
             if cfg.cp_mode not in ("ulysses", "ring"):
                 raise ConfigError(f"parallel.cp_mode must be 'ulysses' or 'ring', got {cfg.cp_mode!r}")
             ulysses = self.cp_size if cfg.cp_mode == "ulysses" else 1
-            apply_context_parallel(model, build_cp_groups(self.mesh, ulysses=ulysses))
+            apply_context_parallel(model, build_cp_groups(self.mesh, ulysses=ulysses), cp_plan_for(model))
         ac_every = cfg.activation_checkpointing if trainable else 0
         if self.sharded(cfg):
             from common.pair_parallel import fsdp_mesh, set_fsdp_gradient_reduction

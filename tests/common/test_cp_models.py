@@ -1,9 +1,10 @@
 """Tiny Wan T2V / I2V, CogVideoX and Qwen3 with cp=2 equal cp=1: outputs and gradients.
 
-Each rank runs the model on its token shard through `apply_context_parallel`; the
-output is gathered, every rank computes the same loss, and the parameter gradients
-(each rank's share) are summed over the cp group. The reference is the unmodified
-model on one process.
+Each rank runs the model on its token shard through `apply_context_parallel` with the
+plan its family declares (`videodpo.models.cp_plans`, `llmpost.cp_plan`: Qwen3 on zigzag
+shards); the output is gathered, every rank computes the same loss, and the parameter
+gradients (each rank's share) are summed over the cp group. The reference is the
+unmodified model on one process.
 """
 
 from __future__ import annotations
@@ -13,8 +14,10 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from common.context_parallel import CPGroups
-from common.cp_plans import apply_context_parallel, shard_causal_lm_inputs
+from common.context_parallel import CPGroups, gather_sequence
+from common.cp_plans import apply_context_parallel
+from llmpost.cp_plan import CAUSAL_LM_CP_PLAN, shard_causal_lm_inputs
+from videodpo.models.cp_plans import COGVIDEOX_CP_PLAN, WAN_CP_PLAN, cp_plan_for
 
 TOL = 1e-5
 
@@ -143,23 +146,17 @@ def _cases_worker(rank, world_size, cases):
         groups = CPGroups(cp=world, **{mode: world})
         if name == "qwen3":
             model = _qwen3()
-            apply_context_parallel(model, groups)
+            apply_context_parallel(model, groups, CAUSAL_LM_CP_PLAN)
             out, grads = _lm_step(model, _lm_ids(frames), groups)
-            out = torch.cat([o for o in _all_gather(out)], dim=1)[:, :frames]
+            out = gather_sequence(out, 1, world, seq_len=frames, layout="zigzag")
         else:
             model, inputs = _run_case(name, frames, groups)
-            apply_context_parallel(model, groups)
+            apply_context_parallel(model, groups, cp_plan_for(model))
             out, grads = _diffusion_step(model, inputs)
         for g in grads.values():
             dist.all_reduce(g)  # each rank holds its tokens' share
         results.append((out, grads))
     return results
-
-
-def _all_gather(x):
-    parts = [torch.empty_like(x) for _ in range(dist.get_world_size())]
-    dist.all_gather(parts, x.contiguous())
-    return parts
 
 
 @pytest.fixture(scope="module")
@@ -197,7 +194,7 @@ def test_remove_restores_the_model():
     model, inputs = _wan(False), _wan_inputs(False, 2)
     before = model(**inputs, return_dict=False)[0]
     # a size-1 cp group: hooks and processors are in place, then removed
-    handle = apply_context_parallel(model, CPGroups(cp=None))
+    handle = apply_context_parallel(model, CPGroups(cp=None), WAN_CP_PLAN)
     with_cp = model(**inputs, return_dict=False)[0]
     handle.remove()
     after = model(**inputs, return_dict=False)[0]
@@ -209,12 +206,34 @@ def test_remove_restores_the_model():
 def test_size_one_group_leaves_cogvideox_and_qwen3_unchanged():
     model, inputs = _cogvideox(), _cogvideox_inputs()
     before = model(**inputs, return_dict=False)[0]
-    apply_context_parallel(model, CPGroups(cp=None))
+    apply_context_parallel(model, CPGroups(cp=None), COGVIDEOX_CP_PLAN)
     assert torch.allclose(model(**inputs, return_dict=False)[0], before, atol=1e-6)
     lm, ids = _qwen3(), _lm_ids(7)
     before = lm(input_ids=ids).logits
-    apply_context_parallel(lm, CPGroups(cp=None))
+    handle = apply_context_parallel(lm, CPGroups(cp=None), CAUSAL_LM_CP_PLAN)
     shard = shard_causal_lm_inputs(ids, CPGroups(cp=None), labels=ids)
     assert torch.equal(shard["shift_labels"][:, :-1], ids[:, 1:])
     after = lm(input_ids=shard["input_ids"], position_ids=shard["position_ids"]).logits
     assert torch.allclose(after, before, atol=1e-5)
+    assert lm.config._attn_implementation == "context_parallel"
+    handle.remove()
+    assert lm.config._attn_implementation != "context_parallel"
+    assert not any(hasattr(m, "context_parallel_state") for m in lm.modules())
+
+
+def test_plans_are_found_through_the_adapters():
+    from videodpo.models.cogvideox import CogVideoXAdapter
+    from videodpo.models.wan import WanAdapter
+
+    assert cp_plan_for(_wan(False)) is WanAdapter.cp_plan is WAN_CP_PLAN
+    assert cp_plan_for(_cogvideox()) is CogVideoXAdapter.cp_plan is COGVIDEOX_CP_PLAN
+    with pytest.raises(TypeError, match="no plan for Qwen3ForCausalLM"):
+        cp_plan_for(_qwen3())
+
+
+def test_plan_naming_a_missing_module_is_rejected():
+    from common.cp_plans import ContextParallelPlan, GatherOutput
+
+    plan = ContextParallelPlan(hooks={"head_out": (GatherOutput(dim=1),)})
+    with pytest.raises(TypeError, match="WanTransformer3DModel has no module 'head_out'"):
+        apply_context_parallel(_wan(False), CPGroups(cp=None), plan)

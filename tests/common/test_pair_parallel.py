@@ -27,6 +27,7 @@ from common.pair_parallel import (
     shared_generator,
 )
 from tests.multiproc import run_on_ranks
+from videodpo.models.cp_plans import WAN_CP_PLAN
 
 BETA, LAM, LR = 10.0, 1.0, 0.1
 TOL = 1e-5
@@ -72,8 +73,8 @@ def _reg_dpo_step(rank, world_size, pair_size=1, cp=1, fsdp=False, frames=2, siz
     policy, reference = _tiny_wan(0), _tiny_wan(1).requires_grad_(False)
     if cp > 1:
         groups = build_cp_groups(mesh, ulysses=1)  # ring
-        apply_context_parallel(policy, groups)
-        apply_context_parallel(reference, groups)
+        apply_context_parallel(policy, groups, WAN_CP_PLAN)
+        apply_context_parallel(reference, groups, WAN_CP_PLAN)
     if fsdp:
         from common.fsdp import apply_fsdp
 

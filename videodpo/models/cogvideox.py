@@ -18,12 +18,14 @@ from diffusers.pipelines.cogvideo.pipeline_cogvideox import get_resize_crop_regi
 from torch import nn
 
 from videodpo.models.base import Conditions, VideoModelAdapter
+from videodpo.models.cp_plans import COGVIDEOX_CP_PLAN
 
 
 class CogVideoXAdapter(VideoModelAdapter):
     family = "cogvideox"
     transformer_class = CogVideoXTransformer3DModel
     pipeline_classes = {"t2v": "CogVideoXPipeline", "i2v": "CogVideoXImageToVideoPipeline"}
+    cp_plan = COGVIDEOX_CP_PLAN  # context parallelism, applied by common.cp_plans
 
     @property
     def _scaling(self) -> float:

@@ -14,12 +14,14 @@ from diffusers import WanTransformer3DModel
 from torch import nn
 
 from videodpo.models.base import Conditions, VideoModelAdapter
+from videodpo.models.cp_plans import WAN_CP_PLAN
 
 
 class WanAdapter(VideoModelAdapter):
     family = "wan"
     transformer_class = WanTransformer3DModel
     pipeline_classes = {"t2v": "WanPipeline", "i2v": "WanImageToVideoPipeline"}
+    cp_plan = WAN_CP_PLAN  # context parallelism, applied by common.cp_plans
 
     def _latent_stats(self, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         cfg = self.vae.config
