@@ -80,6 +80,8 @@ def load_config(cls: type[T], path: str | Path | None, overrides: Sequence[str] 
 def save_config(cfg: Any, run_dir: str | Path) -> Path:
     """Write the resolved config to `run_dir/config.yaml` and return its path."""
     run_dir = Path(run_dir)
+    if run_dir.exists() and not run_dir.is_dir():
+        raise ConfigError(f"{run_dir}: is a file, expected a directory for the run")
     run_dir.mkdir(parents=True, exist_ok=True)
     out = run_dir / CONFIG_FILENAME
     tmp = out.with_suffix(".yaml.tmp")
@@ -319,3 +321,14 @@ def check_resume_config(cfg: Any, run_dir: str | Path, keys: Sequence[str], forc
         f"{path}: resuming with a different config ({'; '.join(diff)}); "
         "use the saved config, or --resume-force to continue anyway"
     )
+
+
+def check_run_dir(cfg: Any, run_dir: str | Path, key: str, resume_keys: Sequence[str] | None = None,
+                  force: bool = False) -> None:
+    """Before anything is built or written: `run_dir` (config key `key`) must be a folder or
+    not exist yet, and a resume (`resume_keys` given) must match the saved config."""
+    run_dir = Path(run_dir)
+    if run_dir.exists() and not run_dir.is_dir():
+        raise ConfigError(f"{key}: {run_dir} is a file, expected a directory for the run")
+    if resume_keys is not None:
+        check_resume_config(cfg, run_dir, resume_keys, force)

@@ -30,7 +30,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from common.config import add_config_args, config_from_args, save_config
+from common.config import add_config_args, check_run_dir, config_from_args, save_config
 from common.errors import ConfigError, UserError
 from videodpo.config import RunConfig
 from videodpo.data.loader import PairLoader, PairSampler
@@ -352,6 +352,12 @@ def export_model(state: TrainingState, out_dir: Path) -> Path:
     return state.adapter.save_pretrained(out_dir, transformer=model)
 
 
+# Settings that change what a checkpoint means: a resume with other values stops.
+RESUME_KEYS = ("model", "loss", "lora", "optim", "parallel", "train.steps", "train.batch_size",
+               "train.grad_accum", "train.seed", "data.manifest", "data.latent_cache",
+               "data.num_frames", "data.height", "data.width")
+
+
 def train(
     cfg: RunConfig,
     resume: bool = False,
@@ -359,19 +365,19 @@ def train(
     adapter: VideoModelAdapter | None = None,
     stop_after: int | None = None,
     validator: Callable[[TrainingState], dict[str, float]] | None = None,
+    resume_force: bool = False,
 ) -> TrainResult:
     """Train as `cfg` says. `dataset` / `adapter` replace the ones `cfg` names (the demo
     passes in-memory ones); `stop_after` ends the process early as a kill would, after
     that step's checkpoint."""
-    from common.checkpoint import Checkpointer
+    from common.checkpoint import Checkpointer, trim_metrics_log
     from common.metrics import MetricsLogger, progress
 
     out_dir = Path(cfg.out_dir)
+    # Before anything is built: out_dir must be a folder; a resume must match the saved config.
+    check_run_dir(cfg, out_dir, "out_dir", RESUME_KEYS if resume else None, resume_force)
     state = build_training_state(cfg, adapter)
     layout = state.layout
-    if layout.is_main:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        save_config(cfg, out_dir)
     dataset = open_training_data(cfg, state.adapter) if dataset is None else dataset
     sampler = PairSampler(len(dataset), cfg.train.seed, layout.dp_rank, layout.dp_size)
     loader = PairLoader(dataset, cfg.train.batch_size, sampler, functools.partial(collate_pairs, state.adapter),
@@ -388,6 +394,10 @@ def train(
             loader.load_state_dict(extra["data"])
             state.generator.set_state(extra["generator"])
             logger.info("resumed from step %d", step)
+    if layout.is_main:  # only now: a refused or failed resume leaves config.yaml as it was
+        save_config(cfg, out_dir)
+        if resume:
+            trim_metrics_log(out_dir, state.step)  # the steps after the checkpoint run again
     metrics_log = MetricsLogger(out_dir, enabled=layout.is_main)
     if validator is None and cfg.validation.every:
         from videodpo.validation import Validator
@@ -424,13 +434,15 @@ def train(
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    add_config_args(parser)
+    add_config_args(parser, example="optim.lr=1e-5")
     parser.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in out_dir")
+    parser.add_argument("--resume-force", action="store_true",
+                        help="with --resume: continue even if the config differs from the saved one")
 
 
 def run(args: argparse.Namespace) -> int:
     cfg = config_from_args(RunConfig, args)
-    result = train(cfg, resume=args.resume)
+    result = train(cfg, resume=args.resume, resume_force=args.resume_force)
     if result.export_dir is not None and (not dist.is_initialized() or dist.get_rank() == 0):
         print(f"trained {result.steps} steps; model exported to {result.export_dir}")
     return 0
