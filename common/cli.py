@@ -4,8 +4,9 @@ A sub-command module defines `HELP` (one line, a string literal), `add_arguments
 and `run(args) -> int`. Only the module of the command being run is imported (the
 others' `HELP` is read from their source), so `--help` is instant and one command's
 heavy imports never slow another. A module that does not exist yet is left out, so the
-help lists only what is there. Bad input (`UserError`, a missing file) ends in one
-line on stderr and exit code 1.
+help lists only what is there. Bad input (`UserError`, or a path that is missing, a
+directory, a file where a directory belongs, or not readable) ends in one line on
+stderr and exit code 1; anything else keeps its traceback, since it is a bug.
 """
 
 from __future__ import annotations
@@ -19,6 +20,10 @@ import sys
 from pathlib import Path
 
 from common.errors import UserError
+
+# Errors that mean the user's input is wrong, printed as one line.
+BAD_INPUT = (UserError, FileNotFoundError, IsADirectoryError, NotADirectoryError,
+             FileExistsError, PermissionError)
 
 
 def _module_help(origin: str) -> str:
@@ -63,7 +68,8 @@ def run_cli(prog: str, commands: dict[str, str], argv: list[str] | None = None) 
     logging.basicConfig(level=logging.INFO, format="[%(name)s] %(message)s")
     try:
         return int(module.run(args) or 0)
-    except (UserError, FileNotFoundError) as err:
+    except BAD_INPUT as err:
         # Bad input (config, manifest, paths) ends in one line, not a traceback.
-        print(f"{prog} {args.command}: error: {err}", file=sys.stderr)
+        message = " ".join(str(err).split()) or type(err).__name__
+        print(f"{prog} {args.command}: error: {message}", file=sys.stderr)
         return 1

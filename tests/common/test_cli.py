@@ -21,8 +21,19 @@ def fake_commands(tmp_path, monkeypatch):
         "def add_arguments(p):\n    pass\n"
         "def run(args):\n    raise DataError('rows.jsonl: row 3: field caption is empty')\n"
     )
+    (pkg / "path.py").write_text(
+        'HELP = "opens a directory"\n'
+        "def add_arguments(p):\n    p.add_argument('--file')\n"
+        "def run(args):\n    open(args.file).read()\n"
+    )
+    (pkg / "bug.py").write_text(
+        'HELP = "has a bug"\n'
+        "def add_arguments(p):\n    pass\n"
+        "def run(args):\n    return {}['missing']\n"
+    )
     monkeypatch.syspath_prepend(str(tmp_path))
-    yield {"good": "fakecli.good", "bad": "fakecli.bad", "later": "fakecli.not_written_yet"}
+    yield {"good": "fakecli.good", "bad": "fakecli.bad", "later": "fakecli.not_written_yet",
+           "path": "fakecli.path", "bug": "fakecli.bug"}
     for name in [m for m in sys.modules if m.startswith("fakecli")]:
         del sys.modules[name]
 
@@ -42,3 +53,11 @@ def test_user_error_is_one_line_and_exit_1(fake_commands, capsys):
     assert run_cli("prog", fake_commands, ["bad"]) == 1
     err = capsys.readouterr().err.strip().splitlines()
     assert err == ["prog bad: error: rows.jsonl: row 3: field caption is empty"]
+
+
+def test_a_path_error_is_one_line_but_a_bug_keeps_its_traceback(fake_commands, tmp_path, capsys):
+    assert run_cli("prog", fake_commands, ["path", "--file", str(tmp_path)]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("prog path: error: ") and str(tmp_path) in err and err.count("\n") == 1
+    with pytest.raises(KeyError):
+        run_cli("prog", fake_commands, ["bug"])

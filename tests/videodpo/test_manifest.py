@@ -68,3 +68,40 @@ def test_append_and_bad_lines(tmp_path):
         read_manifest_rows(path)
     with pytest.raises(DataError, match="not found"):
         read_manifest_rows(tmp_path / "none.jsonl")
+
+
+def test_csv_with_a_utf8_bom_reads_its_first_column(tmp_path):
+    path = tmp_path / "pairs.csv"
+    path.write_bytes("\ufeffchosen,rejected,caption\nreal/a.mp4,gen/a.mp4,a café\n".encode())
+    rows = read_manifest(path)
+    assert rows[0]["chosen"] == str(tmp_path / "real" / "a.mp4")
+    assert rows[0]["caption"] == "a café"
+
+
+@pytest.mark.parametrize("cell, message", [
+    ('"{not json}"', r"row 1: field 'meta': not JSON"),
+    ('"[1, 2]"', r"row 1: field 'meta': expected a JSON object, got list"),
+])
+def test_csv_bad_meta_names_row_and_field(tmp_path, cell, message):
+    path = tmp_path / "pairs.csv"
+    path.write_text(f"chosen,rejected,caption,meta\na.mp4,b.mp4,cap,{cell}\n")
+    with pytest.raises(DataError, match=rf"pairs.csv: {message}"):
+        read_manifest_rows(path)
+    rows = read_manifest_rows(path, strict=False)  # check-data reports it as a bad row
+    assert rows[0].error and "meta" in rows[0].error
+
+
+def test_csv_non_integer_num_frames_names_row_and_field(tmp_path):
+    path = tmp_path / "clips.csv"
+    path.write_text("video,caption,num_frames\na.mp4,cap,8\nb.mp4,cap,eight\n")
+    with pytest.raises(DataError, match=r"clips.csv: row 2: field 'num_frames': expected an integer, got 'eight'"):
+        read_manifest_rows(path)
+
+
+def test_non_utf8_manifest_and_directory_are_one_line_errors(tmp_path):
+    path = tmp_path / "pairs.jsonl"
+    path.write_bytes(b'{"chosen": "a.mp4", "rejected": "b.mp4", "caption": "x"}\n{"caption": "caf\xe9"}\n')
+    with pytest.raises(DataError, match=r"pairs.jsonl:2: not UTF-8 text"):
+        read_manifest_rows(path)
+    with pytest.raises(DataError, match=r"is a directory, expected a JSONL or CSV manifest file"):
+        read_manifest_rows(tmp_path)

@@ -15,7 +15,7 @@ import argparse
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from common.errors import DataError
+from common.errors import ConfigError, DataError
 from videodpo.data.manifest import ManifestRow, read_manifest_rows, resolve_path
 from videodpo.data.video_io import VideoInfo, probe_video, verify_video
 
@@ -131,6 +131,8 @@ def check_row(
 
 def check_manifest(path: str | Path, min_frames: int = 1, decode: bool = True) -> CheckReport:
     """Check every row of a manifest; the kind (clip or pair) comes from its rows."""
+    if min_frames < 1:
+        raise ConfigError(f"--min-frames: expected an integer >= 1, got {min_frames}")
     path = Path(path)
     rows = read_manifest_rows(path, strict=False)
     if not rows:

@@ -4,12 +4,14 @@ Paths inside a manifest are relative to the manifest's folder. Clip rows hold
 `video`, `caption` and optionally `image`, `fps`, `num_frames`; pair rows hold `chosen`,
 `rejected`, `caption`, optionally `image` and `meta` (generator, seed, steps, guidance).
 Readers return rows with paths resolved; writers take absolute or relative paths and
-store them relative to the manifest.
+store them relative to the manifest. Manifests are UTF-8 (a byte-order mark, as
+spreadsheet programs write it, is accepted); anything else is an error naming the line.
 """
 
 from __future__ import annotations
 
 import csv
+import io
 import json
 import os
 from dataclasses import dataclass, field
@@ -49,18 +51,38 @@ def manifest_kind(rows: list[dict]) -> str:
     return "pair" if rows and "chosen" in rows[0] else "clip"
 
 
+def _manifest_text(path: Path) -> str:
+    """The manifest's text as UTF-8 (a leading byte-order mark is dropped)."""
+    if not path.exists():
+        raise DataError(f"{path}: manifest not found")
+    if path.is_dir():
+        raise DataError(f"{path}: is a directory, expected a JSONL or CSV manifest file")
+    raw = path.read_bytes()
+    try:
+        return raw.decode("utf-8-sig")
+    except UnicodeDecodeError as err:
+        line = raw[: err.start].count(b"\n") + 1
+        raise DataError(f"{path}:{line}: not UTF-8 text (byte {err.start})") from None
+
+
 def read_manifest_rows(path: str | Path, strict: bool = True) -> list[ManifestRow]:
-    """Rows as stored (paths not resolved). A line that is not a JSON object raises
+    """Rows as stored (paths not resolved). A line that is not a JSON object (or a CSV row
+    whose `meta` is not JSON or whose `fps` / `num_frames` is not a number) raises
     DataError naming the line, or with `strict=False` comes back with `error` set.
     Blank lines are skipped."""
     path = Path(path)
-    if not path.is_file():
-        raise DataError(f"{path}: manifest not found")
-    if path.suffix.lower() == ".csv":
-        with path.open(newline="") as fh:
-            return [ManifestRow(i, _csv_row(r)) for i, r in enumerate(csv.DictReader(fh), start=1)]
+    text = _manifest_text(path)
     rows = []
-    for i, line in enumerate(path.read_text().splitlines(), start=1):
+    if path.suffix.lower() == ".csv":
+        for i, raw in enumerate(csv.DictReader(io.StringIO(text, newline="")), start=1):
+            try:
+                rows.append(ManifestRow(i, _csv_row(raw)))
+            except ValueError as err:
+                if strict:
+                    raise DataError(f"{path}: row {i}: {err}") from None
+                rows.append(ManifestRow(i, {}, str(err)))
+        return rows
+    for i, line in enumerate(text.splitlines(), start=1):
         if not line.strip():
             continue
         try:
@@ -78,14 +100,25 @@ def read_manifest_rows(path: str | Path, strict: bool = True) -> list[ManifestRo
 
 
 def _csv_row(row: dict) -> dict:
+    """One CSV row with `meta` parsed as JSON and `fps` / `num_frames` as numbers;
+    ValueError naming the field otherwise."""
     out: dict = {}
     for key, value in row.items():
         if key is None:
             continue
         if key == "meta" and value:
-            value = json.loads(value)
+            try:
+                value = json.loads(value)
+            except json.JSONDecodeError as err:
+                raise ValueError(f"field 'meta': not JSON ({err.msg}): {value[:60]!r}") from None
+            if not isinstance(value, dict):
+                raise ValueError(f"field 'meta': expected a JSON object, got {type(value).__name__}")
         elif key in ("fps", "num_frames") and value not in (None, ""):
-            value = float(value) if key == "fps" else int(value)
+            try:
+                value = float(value) if key == "fps" else int(value)
+            except ValueError:
+                kind = "a number" if key == "fps" else "an integer"
+                raise ValueError(f"field '{key}': expected {kind}, got {value!r}") from None
         out[key] = value
     return out
 
