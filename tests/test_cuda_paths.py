@@ -127,3 +127,109 @@ def test_memory_peak_is_read_from_cuda():
     peak = peak_memory_mb()
     del x
     assert 64 <= peak - before < 65
+
+
+def _ring_on_one_device(q, k, v, dout, world, layout, causal, seq_len, kernel):
+    """Ring attention's block schedule for `world` ranks, run in one process: each rank's
+    forward merges its pieces against every K/V shard (`_ring_pieces`, `_merge_into`),
+    its backward recomputes each piece with `lse_backward` from the merged out and lse.
+    One GPU cannot hold several NCCL ranks, so the shards stay here; the kernels and the
+    merge are the ring's own. Returns the whole out, dq, dk, dv (padding dropped)."""
+    from common.attention import lse_backward, lse_forward, repeat_kv, sum_kv_groups
+    from common.context_parallel import _merge_into, _ring_pieces
+
+    def shard(x):
+        return [_shard_of(x, r, world, layout) for r in range(world)]
+
+    qs, ks, vs, douts = shard(q), shard(k), shard(v), shard(dout)
+    h, hk, s = q.shape[1], k.shape[1], qs[0].shape[2]
+    scale = q.shape[-1] ** -0.5
+    outs, dqs = [], []
+    dks = [torch.zeros(t.shape, dtype=torch.float32, device=t.device) for t in ks]
+    dvs = [torch.zeros(t.shape, dtype=torch.float32, device=t.device) for t in vs]
+    for r in range(world):
+        out = torch.zeros(qs[r].shape, dtype=torch.float32, device=q.device)
+        lse = torch.full(qs[r].shape[:-1], float("-inf"), dtype=torch.float32, device=q.device)
+        for j in range(world):
+            for qsl, ksl, piece_causal in _ring_pieces(r, j, world, s, layout, causal, seq_len):
+                o_b, l_b = lse_forward(qs[r][:, :, qsl].contiguous(), repeat_kv(ks[j][:, :, ksl], h).contiguous(),
+                                       repeat_kv(vs[j][:, :, ksl], h).contiguous(), piece_causal, scale, kernel)
+                _merge_into(out[:, :, qsl], lse[:, :, qsl], o_b, l_b)
+        out = out.to(q.dtype)
+        dq = torch.zeros(qs[r].shape, dtype=torch.float32, device=q.device)
+        for j in range(world):
+            for qsl, ksl, piece_causal in _ring_pieces(r, j, world, s, layout, causal, seq_len):
+                dq_b, dk_b, dv_b = lse_backward(
+                    douts[r][:, :, qsl].contiguous(), qs[r][:, :, qsl].contiguous(),
+                    repeat_kv(ks[j][:, :, ksl], h).contiguous(), repeat_kv(vs[j][:, :, ksl], h).contiguous(),
+                    out[:, :, qsl].contiguous(), lse[:, :, qsl].contiguous(), piece_causal, scale, kernel,
+                )
+                dq[:, :, qsl] += dq_b.float()
+                dks[j][:, :, ksl] += sum_kv_groups(dk_b.float(), hk)
+                dvs[j][:, :, ksl] += sum_kv_groups(dv_b.float(), hk)
+        outs.append(out)
+        dqs.append(dq)
+    length = q.shape[2]
+    return tuple(_unshard(parts, world, layout)[:, :, :length] for parts in (outs, dqs, dks, dvs))
+
+
+def _shard_of(x, rank, world, layout):
+    """Rank `rank`'s shard along dim 2 (zero padding at the end), as `split_sequence` cuts."""
+    parts = 2 * world if layout == "zigzag" else world
+    length = -(-x.shape[2] // parts) * parts
+    x = torch.nn.functional.pad(x, (0, 0, 0, length - x.shape[2]))
+    chunks = x.chunk(parts, dim=2)
+    return torch.cat([chunks[rank], chunks[2 * world - 1 - rank]], 2) if layout == "zigzag" else chunks[rank]
+
+
+def _unshard(parts, world, layout):
+    if layout == "contiguous":
+        return torch.cat(parts, dim=2)
+    chunks = [None] * (2 * world)
+    for r, p in enumerate(parts):
+        chunks[r], chunks[2 * world - 1 - r] = p.chunk(2, dim=2)
+    return torch.cat(chunks, dim=2)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize(("layout", "causal"), [("contiguous", False), ("contiguous", True), ("zigzag", True)])
+def test_ring_blocks_on_cuda_kernels_match_sdpa(dtype, layout, causal):
+    """Ring attention's pieces on the CUDA LSE kernel (flash-attn, or torch's flash /
+    memory-efficient op) merge to SDPA's output and q/k/v gradients on the GPU: 4 ranks,
+    GQA (8 query, 2 K/V heads), a padded length (250 of 256)."""
+    kernel = attn.lse_kernel("cuda", dtype)
+    assert kernel in ("flash_attn", "torch_flash", "torch_efficient")
+    g = torch.Generator(device="cuda").manual_seed(0)
+    q, dout = (torch.randn(2, 8, 250, 64, device="cuda", dtype=dtype, generator=g) for _ in range(2))
+    k, v = (torch.randn(2, 2, 250, 64, device="cuda", dtype=dtype, generator=g) for _ in range(2))
+    out, dq, dk, dv = _ring_on_one_device(q, k, v, dout, 4, layout, causal, 250, kernel)
+    qr, kr, vr = (t.detach().clone().requires_grad_() for t in (q, k, v))
+    ref = torch.nn.functional.scaled_dot_product_attention(qr, kr, vr, is_causal=causal, enable_gqa=True)
+    ref.backward(dout)
+    tol = 3e-2 if dtype == torch.bfloat16 else 2e-4
+    for name, got, want in (("out", out, ref), ("dq", dq, qr.grad), ("dk", dk, kr.grad), ("dv", dv, vr.grad)):
+        err = ((got.float() - want.float()).abs().max() / want.float().abs().max()).item()
+        assert err < tol, f"{name}: relative error {err:.1e} ({kernel}, {dtype})"
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_attention_with_lse_gradients_on_cuda_match_cpu(dtype):
+    """Gradients through out and lse (the extra-column trick of `lse_backward`) on the
+    CUDA kernel equal the CPU flash kernel's in float32."""
+    g = torch.Generator().manual_seed(3)
+    q, w = (torch.randn(2, 4, 40, 64, generator=g) for _ in range(2))
+    k, v = (torch.randn(2, 2, 40, 64, generator=g) for _ in range(2))
+    wl = torch.randn(2, 4, 40, generator=g)
+
+    def grads(device, dt):
+        leaves = [t.to(device, dt).requires_grad_() for t in (q, k, v)]
+        out, lse = attn.attention_with_lse(*leaves, causal=True)
+        loss = (out.float() * w.to(device)).sum() + (lse.float() * wl.to(device)).sum()
+        return [t.float().cpu() for t in torch.autograd.grad(loss, leaves)]
+
+    want = grads("cpu", torch.float32)
+    got = grads("cuda", dtype)
+    tol = 5e-2 if dtype == torch.bfloat16 else 2e-4
+    for name, a, b in zip(("dq", "dk", "dv"), got, want):
+        err = ((a - b).abs().max() / b.abs().max()).item()
+        assert err < tol, f"{name}: relative error {err:.1e}"

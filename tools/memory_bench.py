@@ -7,7 +7,12 @@ build_training_step`: policy and reference forward, backward, clipping, AdamW) o
 tiny `WanTransformer3DModel` at chosen frame counts, each in a fresh process group,
 and records the per-rank peak memory and step time. A capacity search finds the
 largest latent frame count whose peak stays under `--budget` MiB per rank;
-`capacity_ratio` is the combined layout's capacity over FSDP-only's.
+`capacity_ratio` is the combined layout's capacity over FSDP-only's, and
+`capacity_ratio_vs_ac` over FSDP + activation checkpointing's.
+
+`--world 4` runs the `world4` layouts on 4 gloo processes (they fit on 2 cores for a
+memory measurement; they only run slower): there "combined" is AC + pair 2 + cp 2, the
+layout 2 ranks cannot hold, compared with `fsdp_ac`.
 
 Peak memory, per rank (`common.metrics`). On CUDA: `torch.cuda.max_memory_allocated`
 after `reset_peak_memory_stats` right before the step, less what was allocated then.
@@ -25,6 +30,7 @@ tool reports its error on every measurement and prints its estimate for Wan2.1-T
 and Wan2.1-I2V-14B at 480p and 720p on 8 x 80 GB.
 
     python tools/memory_bench.py --config configs/bench/wan_tiny.yaml --out runs/bench --quick
+    python tools/memory_bench.py --world 4 --out runs/bench4
 """
 
 from __future__ import annotations
@@ -117,6 +123,29 @@ class EstimateConfig:
     layouts: list[Layout] = field(default_factory=list)
 
 
+def _world4_layouts() -> list[Layout]:
+    return [
+        Layout("fsdp"),
+        Layout("fsdp_ac", ac=True),
+        Layout("combined", ac=True, pair=2, cp=2, cp_mode="ulysses"),
+        Layout("combined_ring", ac=True, pair=2, cp=2, cp_mode="ring"),
+    ]
+
+
+@dataclass
+class WorldConfig:
+    """What `--world 4` runs: its layouts, the names compared and the search."""
+
+    world_size: int = 4
+    layouts: list[Layout] = field(default_factory=_world4_layouts)
+    combined: str = "combined"
+    baseline: str = "fsdp"
+    ac_baseline: str = "fsdp_ac"
+    search: SearchConfig = field(
+        default_factory=lambda: SearchConfig(budget_mb=40.5, latent_sizes=[[16, 16]], max_frames=320)
+    )
+
+
 @dataclass
 class BenchConfig:
     model: BenchModelConfig = field(default_factory=BenchModelConfig)
@@ -124,6 +153,7 @@ class BenchConfig:
     layouts: list[Layout] = field(default_factory=list)
     combined: str = "combined"  # the layout whose capacity is compared with `baseline`
     baseline: str = "fsdp"
+    ac_baseline: str = "fsdp_ac"  # ... and with this one (`capacity_ratio_vs_ac`)
     full: SearchConfig = field(default_factory=SearchConfig)
     quick: SearchConfig = field(default_factory=SearchConfig)
     beta: float = 500.0
@@ -131,6 +161,22 @@ class BenchConfig:
     lr: float = 1e-4
     seed: int = 0
     estimate: EstimateConfig = field(default_factory=EstimateConfig)
+    world4: WorldConfig = field(default_factory=WorldConfig)
+
+
+def on_world(cfg: BenchConfig, world: int) -> tuple[BenchConfig, SearchConfig | None]:
+    """`cfg` set up for `--world`: 2 (or the config's own size) keeps it; 4 takes `world4`
+    (its layouts, names and search)."""
+    if world == cfg.world_size:
+        return cfg, None
+    if world != cfg.world4.world_size:
+        from common.errors import ConfigError
+
+        raise ConfigError(f"--world {world}: the config runs {cfg.world_size} ranks, or "
+                          f"{cfg.world4.world_size} with its 'world4' section")
+    w = cfg.world4
+    return replace(cfg, world_size=w.world_size, layouts=list(w.layouts), combined=w.combined,
+                   baseline=w.baseline, ac_baseline=w.ac_baseline), w.search
 
 
 @dataclass
@@ -526,6 +572,8 @@ def run_bench(cfg: BenchConfig, search: SearchConfig, out: Path, budget: float,
     base = capacities.get(cfg.baseline, {}).get("max_frames")
     comb = capacities.get(cfg.combined, {}).get("max_frames")
     ratio = comb / base if base and comb is not None else None
+    ac_base = capacities.get(cfg.ac_baseline, {}).get("max_frames")
+    ratio_vs_ac = comb / ac_base if ac_base and comb is not None else None
     result: dict[str, Any] = {
         "world_size": cfg.world_size,
         "budget_mb": budget,
@@ -537,6 +585,8 @@ def run_bench(cfg: BenchConfig, search: SearchConfig, out: Path, budget: float,
         "capacities": capacities,
         "capacity_ratio": ratio,
         "capacity_ratio_of": f"{cfg.combined} / {cfg.baseline}",
+        "capacity_ratio_vs_ac": ratio_vs_ac,
+        "capacity_ratio_vs_ac_of": f"{cfg.combined} / {cfg.ac_baseline}",
         "estimator_error": estimator_error(measurements),
         "estimate_real_models": estimate_table(cfg.estimate),
         "wall_time_s": None,
@@ -547,6 +597,8 @@ def run_bench(cfg: BenchConfig, search: SearchConfig, out: Path, budget: float,
     print(format_measured_table(cfg, capacities, measurements, budget))
     print(f"capacity_ratio ({cfg.combined} / {cfg.baseline}): "
           f"{'n/a' if ratio is None else f'{ratio:.2f}'}")
+    print(f"capacity_ratio_vs_ac ({cfg.combined} / {cfg.ac_baseline}): "
+          f"{'n/a' if ratio_vs_ac is None else f'{ratio_vs_ac:.2f}'}")
     err = result["estimator_error"]
     print(f"estimator error on {err['count']} measurements: mean {100 * err['mean_abs_rel_error']:.1f}%, "
           f"max {100 * err['max_abs_rel_error']:.1f}%")
@@ -571,7 +623,12 @@ def check_config(cfg: BenchConfig, source: str) -> None:
     for key in ("baseline", "combined"):
         if getattr(cfg, key) not in names:
             raise ConfigError(f"{source}: '{key}' is {getattr(cfg, key)!r}, not one of the layouts {names}")
-    for layout in cfg.layouts + cfg.estimate.layouts:
+    world4 = [layout.name for layout in cfg.world4.layouts]
+    for key in ("baseline", "combined", "ac_baseline"):
+        if getattr(cfg.world4, key) not in world4:
+            raise ConfigError(f"{source}: 'world4.{key}' is {getattr(cfg.world4, key)!r}, "
+                              f"not one of the world4 layouts {world4}")
+    for layout in cfg.layouts + cfg.estimate.layouts + cfg.world4.layouts:
         if layout.pair not in (1, 2) or layout.cp < 1 or layout.cp_mode not in ("ulysses", "ring"):
             raise ConfigError(f"{source}: layout {layout.name!r} needs pair 1 or 2, cp >= 1 and cp_mode "
                               f"ulysses or ring, got pair={layout.pair}, cp={layout.cp}, cp_mode={layout.cp_mode!r}")
@@ -587,6 +644,9 @@ def main(argv: list[str] | None = None) -> int:
                         help="override a config key, e.g. --set quick.budget_mb=128")
     parser.add_argument("--out", default="runs/memory_bench", help="output directory")
     parser.add_argument("--quick", action="store_true", help="the config's quick search (< 10 min on 2 CPU cores)")
+    parser.add_argument("--world", type=int, default=None,
+                        help="ranks: the config's own (2) or 4 (its 'world4' layouts and search; "
+                             "combined = AC + pair 2 + cp 2)")
     parser.add_argument("--budget", type=float, default=None, help="per-rank budget in MiB (default: config)")
     parser.add_argument("--compare", default=None, help="results.json of an earlier run: report repeatability")
     args = parser.parse_args(argv)
@@ -594,6 +654,8 @@ def main(argv: list[str] | None = None) -> int:
         cfg = load_config(BenchConfig, args.config, args.overrides)
         check_config(cfg, args.config)
         search = cfg.quick if args.quick else cfg.full
+        cfg, world_search = on_world(cfg, args.world or cfg.world_size)
+        search = world_search or search
         budget = args.budget if args.budget is not None else search.budget_mb
         previous = None
         if args.compare:
