@@ -7,7 +7,9 @@
 Layout under `run_dir`: `base/`, `stage1/`, `stage2/`, `stage3/`, each with `model/`
 (save_pretrained), `checkpoints/`, `metrics.jsonl`, `eval.json` and `done.json`;
 `stage1/capability_map.{json,png}`. A stage with `done.json` is skipped; an unfinished
-one resumes from its last checkpoint.
+one resumes from its last checkpoint, after checking that the settings it was started
+with (model, data, seed, the stage's own section) did not change (`--resume-force`
+continues anyway). Every task row's reward is checked before a stage trains.
 """
 
 from __future__ import annotations
@@ -20,9 +22,16 @@ from typing import Any
 
 import torch
 
-from common.config import add_config_args, config_from_args, save_config
+from common.checkpoint import Checkpointer
+from common.config import (
+    CONFIG_FILENAME,
+    add_config_args,
+    config_from_args,
+    resume_mismatch,
+    save_config,
+)
 from common.distributed import barrier
-from common.errors import ConfigError
+from common.errors import ConfigError, DataError
 from llmpost.config import PipelineConfig
 from llmpost.dapo_trainer import train_dapo
 from llmpost.data import TaskRecord, load_many
@@ -69,14 +78,62 @@ def latest_model_dir(cfg: PipelineConfig) -> Path:
     return model_dir(cfg, 0)
 
 
-def _load_data(cfg: PipelineConfig) -> dict[str, list[TaskRecord]]:
+def rewards_registry(cfg: PipelineConfig) -> RewardRegistry:
+    """The built-in rewards, the code reward's sandbox set up as `cfg.rewards` says."""
+    from llmpost.sandbox import CodeSandbox
+
+    sandbox = CodeSandbox(allow_unsandboxed=cfg.rewards.allow_unsandboxed_code,
+                          workers=cfg.rewards.code_workers)
+    return default_registry(code_sandbox=sandbox)
+
+
+def load_eval_set(cfg: PipelineConfig, registry: RewardRegistry) -> list[TaskRecord]:
+    """The eval rows (first `eval.per_task` of each task), their rewards checked; an empty
+    set is an error."""
+    files = cfg.data.sns_eval + cfg.data.general_eval
+    records = eval_records(load_many(files), cfg.eval.per_task)
+    if not records:
+        raise DataError(f"data.sns_eval / data.general_eval: no eval rows in {files or 'no files'}; "
+                        "at least one JSONL task file with rows is expected")
+    registry.check_records(records)
+    return records
+
+
+def _load_data(cfg: PipelineConfig, registry: RewardRegistry) -> dict[str, list[TaskRecord]]:
     data = cfg.data
     if not data.sns_train:
         raise ConfigError("data.sns_train: at least one JSONL task file is expected")
-    return {
-        "sns_train": load_many(data.sns_train), "general_train": load_many(data.general_train),
-        "eval": eval_records(load_many(data.sns_eval + data.general_eval), cfg.eval.per_task),
-    }
+    out = {"sns_train": load_many(data.sns_train), "general_train": load_many(data.general_train)}
+    if not out["sns_train"]:
+        raise DataError(f"data.sns_train: no rows in {data.sns_train}")
+    registry.check_records(out["sns_train"] + out["general_train"])
+    out["eval"] = load_eval_set(cfg, registry)
+    return out
+
+
+def started_stages(cfg: PipelineConfig) -> list[int]:
+    """Stages with a checkpoint but no done.json: the ones a run would resume."""
+    return [s for s in (1, 2, 3)
+            if not is_done(cfg, s) and Checkpointer(stage_dir(cfg, s) / "checkpoints").latest()]
+
+
+def check_resume(cfg: PipelineConfig, force: bool = False) -> None:
+    """Stop when a stage would resume under settings other than those it started with
+    (the run's saved config.yaml): model, data, seed and that stage's section."""
+    stages = started_stages(cfg)
+    if not stages:
+        return
+    keys = ["model", "data", "seed"] + [f"stage{s}" for s in stages]
+    saved = Path(cfg.run_dir) / CONFIG_FILENAME
+    diff = resume_mismatch(cfg, saved, keys)
+    if not diff:
+        return
+    message = (f"{saved}: stage {stages[0]} would resume with a different config "
+               f"({'; '.join(diff)})")
+    if force:
+        logger.warning("--resume-force: %s", message)
+        return
+    raise ConfigError(f"{message}; use the saved config, or --resume-force to continue anyway")
 
 
 def prepare_base(cfg: PipelineConfig) -> Path:
@@ -123,11 +180,11 @@ def hard_examples(model: torch.nn.Module, tokenizer: Any, cfg: PipelineConfig,
 def run_stage(cfg: PipelineConfig, stage: int, registry: RewardRegistry | None = None,
               stop_after: int | None = None) -> dict[str, Any]:
     """Train (or resume) one stage, save its model, evaluate it; returns its evaluation."""
-    registry = registry or default_registry()
+    registry = registry or rewards_registry(cfg)
     out = stage_dir(cfg, stage)
     if is_done(cfg, stage):
         return json.loads((out / "eval.json").read_text())
-    data = _load_data(cfg)
+    data = _load_data(cfg, registry)
     if stage == 0:
         base = prepare_base(cfg)
         tokenizer = load_tokenizer(base)
@@ -181,16 +238,24 @@ def _finish(out: Path, result: dict[str, Any]) -> None:
 
 
 def run_pipeline(cfg: PipelineConfig, stages: tuple[int, ...] = (0, 1, 2, 3),
-                 registry: RewardRegistry | None = None) -> dict[int, dict[str, Any]]:
+                 registry: RewardRegistry | None = None,
+                 resume_force: bool = False) -> dict[int, dict[str, Any]]:
+    run_dir = Path(cfg.run_dir)
+    if run_dir.exists() and not run_dir.is_dir():
+        raise ConfigError(f"run_dir: {run_dir} is a file, expected a directory")
+    check_resume(cfg, resume_force)  # before config.yaml is rewritten
+    registry = registry or rewards_registry(cfg)
     if rank_and_world()[0] == 0:
         save_config(cfg, cfg.run_dir)
     return {stage: run_stage(cfg, stage, registry) for stage in stages}
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    add_config_args(parser)
+    add_config_args(parser, example="stage1.lr=1e-5")
     parser.add_argument("--stage", type=int, choices=[1, 2, 3],
                         help="run only this stage (earlier ones must be done)")
+    parser.add_argument("--resume-force", action="store_true",
+                        help="resume a stage even though its settings changed since it started")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -199,7 +264,7 @@ def run(args: argparse.Namespace) -> int:
     init_distributed()
     cfg = config_from_args(PipelineConfig, args)
     stages = (args.stage,) if args.stage else (0, 1, 2, 3)
-    results = run_pipeline(cfg, stages)
+    results = run_pipeline(cfg, stages, resume_force=args.resume_force)
     if rank_and_world()[0] == 0:
         for stage, result in results.items():
             print(f"== {'base' if stage == 0 else f'stage {stage}'} ==")

@@ -11,7 +11,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from common.checkpoint import Checkpointer
+from common.checkpoint import Checkpointer, trim_metrics_log
 from common.distributed import all_reduce_values
 from common.fsdp import apply_fsdp, full_state_dict
 from common.metrics import MetricsLogger
@@ -60,6 +60,8 @@ def start_stage(model: torch.nn.Module, lr: float, weight_decay: float, stage_di
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
     checkpointer = Checkpointer(stage_dir / "checkpoints")
     start = checkpointer.load(model=model, optimizer=optimizer) or 0
+    if rank == 0:
+        trim_metrics_log(stage_dir, start)  # steps after the checkpoint are logged again
     return StageRun(optimizer, checkpointer, MetricsLogger(stage_dir, enabled=rank == 0), start)
 
 
