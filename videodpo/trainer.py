@@ -379,6 +379,9 @@ def train(
     state = build_training_state(cfg, adapter)
     layout = state.layout
     dataset = open_training_data(cfg, state.adapter) if dataset is None else dataset
+    if cfg.train.batch_size * layout.dp_size > len(dataset):
+        logger.warning("train.batch_size %d on %d data-parallel ranks is more than the %d pairs of the data; "
+                       "pairs repeat within a step", cfg.train.batch_size, layout.dp_size, len(dataset))
     sampler = PairSampler(len(dataset), cfg.train.seed, layout.dp_rank, layout.dp_size)
     loader = PairLoader(dataset, cfg.train.batch_size, sampler, functools.partial(collate_pairs, state.adapter),
                         cfg.data.max_bad_row_fraction, cfg.data.num_workers, cfg.data.prefetch_factor)
