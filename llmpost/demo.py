@@ -131,7 +131,7 @@ def run_baselines(demo: DemoConfig, cfg: PipelineConfig, out: Path) -> dict[str,
                 train_sft(model, tokenizer, sns, general, stage_cfg, stage_out, demo.seed + j)
             else:
                 train_dapo(model, tokenizer, sns, general, stage_cfg, registry, stage_out,
-                           demo.seed + j)
+                           demo.seed + j, model_path=cfg.model.path)
         result = evaluate_tasks(model, tokenizer, evalset, registry, cfg.eval)
         result["wall_s"] = time.perf_counter() - t0
         run_dir.mkdir(parents=True, exist_ok=True)
@@ -237,6 +237,9 @@ def run_demo(demo: DemoConfig) -> dict[str, dict[str, Any]]:
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_config_args(parser, required=False)
     parser.add_argument("--out", help="output directory (default runs/llmpost-demo)")
+    parser.add_argument("--rollout", choices=["hf", "vllm"],
+                        help="rollout back-end of every DAPO stage and baseline (vllm: a vLLM "
+                             "engine; make setup installs the CPU build)")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -248,5 +251,8 @@ def run(args: argparse.Namespace) -> int:
     demo = config_from_args(DemoConfig, args)
     if args.out:
         demo.out = args.out
+    if getattr(args, "rollout", None):
+        for rl in (demo.stage1, demo.stage3):
+            rl.generation.backend = args.rollout
     run_demo(demo)
     return 0
