@@ -6,11 +6,20 @@ is never edited. Blocks are found by type: the largest `nn.ModuleList` of identi
 modules (`blocks` in Wan, `transformer_blocks` in CogVideoX, `model.layers` in Qwen).
 Activation checkpointing wraps a block's forward in non-reentrant
 `torch.utils.checkpoint`, which keeps state-dict keys unchanged.
+
+Host-lean set-up: build the model on the meta device, shard it, `materialize` the
+shards, then `load_weights` from `SafetensorsWeights`: every rank reads from the
+safetensors files only the rows of each tensor it keeps (FSDP2 shards dim 0), through
+memory-mapped slices, so no rank holds a full copy of the model at any time.
 """
 
 from __future__ import annotations
 
+import json
 import logging
+import math
+from collections.abc import Callable
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
@@ -125,6 +134,111 @@ def apply_fsdp(
         to_dtype(param_dtype) or "unchanged", to_dtype(reduce_dtype), cpu_offload,
     )
     return model
+
+
+class SafetensorsWeights:
+    """The tensors of a model folder's safetensors files (one file, or shards listed in
+    `*.safetensors.index.json`), read a row range at a time through memory-mapped
+    slices, never a whole file."""
+
+    def __init__(self, folder: str | Path) -> None:
+        from safetensors import safe_open
+
+        self.folder = Path(folder)
+        indexes = sorted(self.folder.glob("*.safetensors.index.json"))
+        if indexes:
+            files = sorted(set(json.loads(indexes[0].read_text())["weight_map"].values()))
+        else:
+            files = sorted(p.name for p in self.folder.glob("*.safetensors"))
+        if not files:
+            from common.errors import ConfigError
+
+            raise ConfigError(f"{self.folder}: no *.safetensors weights to load")
+        self._handles = {name: safe_open(str(self.folder / name), framework="pt") for name in files}
+        self.file_of = {key: name for name, h in self._handles.items() for key in h.keys()}
+
+    def __contains__(self, key: str) -> bool:
+        return key in self.file_of
+
+    def rows(self, key: str, start: int | None = None, stop: int | None = None) -> torch.Tensor:
+        handle = self._handles[self.file_of[key]]
+        part = handle.get_slice(key)
+        if start is None or len(part.get_shape()) == 0:
+            return handle.get_tensor(key)
+        return part[start:stop]
+
+
+class StateDictWeights:
+    """Tensors already in memory (an in-memory model's state dict), read like files."""
+
+    def __init__(self, tensors: dict[str, torch.Tensor]) -> None:
+        self.tensors = tensors
+
+    def __contains__(self, key: str) -> bool:
+        return key in self.tensors
+
+    def rows(self, key: str, start: int | None = None, stop: int | None = None) -> torch.Tensor:
+        t = self.tensors[key]
+        return t if start is None or t.dim() == 0 else t[start:stop]
+
+
+def _local_rows(tensor: torch.Tensor) -> tuple[torch.Tensor, int | None, int | None]:
+    """(this rank's local tensor, first row, end row) of a parameter; rows None = all."""
+    from torch.distributed.tensor import DTensor, Shard
+
+    if not isinstance(tensor, DTensor):
+        return tensor, None, None
+    local = tensor.to_local()
+    if all(not isinstance(p, Shard) for p in tensor.placements):
+        return local, None, None
+    if tuple(tensor.placements) != (Shard(0),):
+        raise NotImplementedError(f"loading weights into placements {tensor.placements}")
+    rows, world = tensor.shape[0], tensor.device_mesh.size()
+    chunk = math.ceil(rows / world)  # torch.chunk's split, which FSDP2 uses on dim 0
+    start = min(rows, tensor.device_mesh.get_local_rank() * chunk)
+    stop = min(rows, start + chunk)
+    if local.shape[0] != stop - start:
+        raise RuntimeError(f"expected {stop - start} local rows of {tuple(tensor.shape)}, got {tuple(local.shape)}")
+    return local, start, stop
+
+
+def materialize(model: nn.Module, device: torch.device | str) -> None:
+    """Allocate the meta parameters of `model` (FSDP2-sharded or not) on `device`,
+    uninitialised; real buffers (rotary tables built in `__init__`) keep their values."""
+    buffers = {n: b.detach().clone() for n, b in model.named_buffers() if not b.is_meta}
+    model.to_empty(device=device)
+    with torch.no_grad():
+        for name, value in buffers.items():
+            model.get_buffer(name).copy_(value)
+
+
+@torch.no_grad()
+def load_weights(
+    model: nn.Module, weights: SafetensorsWeights | StateDictWeights, rename: Callable[[str], str] | None = None
+) -> list[str]:
+    """Copy `weights` into `model`'s parameters and persistent buffers; a parameter that
+    FSDP2 shards takes only this rank's rows (only those are read). `rename` maps a
+    model name to its key in `weights`. Returns the parameters `weights` lacks."""
+    missing = []
+    skip = _non_persistent_buffers(model)
+    named = list(model.named_parameters()) + [(n, b) for n, b in model.named_buffers() if n not in skip]
+    for name, tensor in named:
+        key = rename(name) if rename is not None else name
+        if key not in weights:
+            if isinstance(tensor, nn.Parameter):
+                missing.append(name)
+            continue
+        local, start, stop = _local_rows(tensor)
+        local.copy_(weights.rows(key, start, stop))
+    return missing
+
+
+def _non_persistent_buffers(model: nn.Module) -> set[str]:
+    names = set()
+    for prefix, module in model.named_modules():
+        for b in getattr(module, "_non_persistent_buffers_set", ()):
+            names.add(f"{prefix}.{b}" if prefix else b)
+    return names
 
 
 def drop_unsynced_gradients(model: nn.Module) -> None:

@@ -14,6 +14,7 @@ class ModelConfig:
     path: str = ""  # local diffusers pipeline dir, or a pixel-space model dir
     dtype: str = "float32"  # weights as loaded; bf16 for real runs
     flow_shift: float = 1.0  # time shift of the training sigmas (flow matching)
+    offload_encoders: bool = False  # VAE / text / image encoders on the CPU between uses
 
 
 @dataclass

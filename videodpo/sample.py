@@ -67,7 +67,9 @@ def run(args: argparse.Namespace) -> int:
     if not s.prompts:
         raise ConfigError("sample.prompts: give at least one prompt")
     adapter = load_for_sampling(cfg)
-    adapter.transformer.eval()
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    adapter.transformer.to(device).eval()
+    adapter.place_encoders(device, offload=cfg.model.offload_encoders)
     first = None
     if adapter.task == "i2v":
         from videodpo.data.video_io import load_image

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import copy
 import functools
 import logging
 import math
@@ -62,29 +61,32 @@ class PairBatch:
 def collate_pairs(adapter: VideoModelAdapter, items: list[dict]) -> PairBatch:
     """Dataset items -> a `PairBatch`. An item holds `chosen` / `rejected` clips
     `(3, F, H, W)` in [-1, 1] (encoded here) or latents (`"latent": True`), a `caption`
-    (or cached `text`), and for I2V a `first_frame` (or cached `image_latents`)."""
+    (or cached `text`), and for I2V a `first_frame` (or cached `image_latents`).
+    Encoding runs on the adapter's encoder device (the training device)."""
     chosen = torch.stack([it["chosen"] for it in items])
     rejected = torch.stack([it["rejected"] for it in items])
-    if "text" not in items[0] and not items[0].get("latent", False):  # raw clips, not cached latents
-        num_frames = chosen.shape[2]
-        first = torch.stack([it.get("first_frame", it["chosen"][:, 0]) for it in items])
-        chosen, rejected = adapter.encode_video(chosen), adapter.encode_video(rejected)
-    else:
-        num_frames, first = items[0].get("num_frames", 0), None
+    raw = "text" not in items[0] and not items[0].get("latent", False)  # clips, not cached latents
+    cached_image = "image_latents" in items[0]
+    if not raw and adapter.task == "i2v" and not cached_image:
+        raise UserError("I2V training from latents needs cached image_latents")
     cond: Conditions = {}
     if "text" in items[0]:
         cond["text"] = torch.stack([it["text"] for it in items])
-    else:
-        cond["text"] = adapter.encode_prompts([it["caption"] for it in items])
-    if adapter.task == "i2v":
-        if "image_latents" in items[0]:
-            for key in ("image_latents", "image_embeds"):
-                if key in items[0]:
-                    cond[key] = torch.stack([it[key] for it in items])
-        else:
-            if first is None:
-                raise UserError("I2V training from latents needs cached image_latents")
-            cond.update(adapter.image_conditions(first, num_frames))
+    if adapter.task == "i2v" and cached_image:
+        for key in ("image_latents", "image_embeds"):
+            if key in items[0]:
+                cond[key] = torch.stack([it[key] for it in items])
+    if raw or "text" not in cond:
+        device = adapter.encoder_device
+        with adapter.encoders_on_device():
+            if raw:
+                num_frames = chosen.shape[2]
+                first = torch.stack([it.get("first_frame", it["chosen"][:, 0]) for it in items]).to(device)
+                chosen, rejected = adapter.encode_video(chosen.to(device)), adapter.encode_video(rejected.to(device))
+            if "text" not in cond:
+                cond["text"] = adapter.encode_prompts([it["caption"] for it in items])
+            if raw and adapter.task == "i2v" and not cached_image:
+                cond.update(adapter.image_conditions(first, num_frames))
     return PairBatch(chosen, rejected, cond)
 
 
@@ -175,26 +177,47 @@ def validate_config(cfg: RunConfig) -> None:
 
 
 def build_training_state(cfg: RunConfig, adapter: VideoModelAdapter | None = None) -> TrainingState:
-    """Adapter, reference, parallel wrapping, optimizer and LR schedule for `cfg`."""
+    """Adapter, reference, parallel wrapping, optimizer and LR schedule for `cfg`.
+
+    With `adapter` None the model comes from `cfg.model.path`, loading only what the run
+    needs: no VAE or encoder when training reads `data.latent_cache` (they load on
+    first use, e.g. for validation clips); encoders go to the training device
+    (`model.offload_encoders` keeps them on the CPU between uses). Under FSDP the
+    policy and the frozen reference are built on the meta device, sharded, and each
+    rank then reads from the transformer's safetensors files only the rows it keeps
+    (`common.fsdp.load_weights`); no rank holds a full copy. A given in-memory
+    `adapter` (tests, the demo, benchmarks) is sharded from memory, and its reference is
+    filled from its tensors the same way, never `deepcopy`-ed. With LoRA the reference
+    is the policy with adapters disabled, and the LoRA weights start from
+    `init_lora_weights(policy, cfg.train.seed)` on every path.
+    """
+    from common.fsdp import SafetensorsWeights, StateDictWeights, to_dtype
+    from videodpo.models import transformer_skeleton
+
     validate_config(cfg)
     layout = build_layout(cfg.parallel)
     if adapter is None:
         if not cfg.model.path:
             raise ConfigError("model.path: set it to a local diffusers model directory")
-        from common.fsdp import to_dtype
-
-        adapter = load_adapter(cfg.model.path, dtype=to_dtype(cfg.model.dtype), flow_shift=cfg.model.flow_shift)
+        adapter = load_adapter(cfg.model.path, dtype=to_dtype(cfg.model.dtype), flow_shift=cfg.model.flow_shift,
+                               transformer_weights=not layout.sharded(cfg.parallel),
+                               encoders=not cfg.data.latent_cache)
+        weights: Any = SafetensorsWeights(Path(cfg.model.path) / "transformer")
+    else:
+        weights = StateDictWeights(dict(adapter.transformer.state_dict()))
+    adapter.place_encoders(layout.device, offload=cfg.model.offload_encoders)
     if adapter.objective.kind == "flow_matching":
         adapter.objective.shift = cfg.model.flow_shift
-    policy = adapter.transformer.to(layout.device)
+    policy = adapter.transformer
     reference = None
     if cfg.lora.enabled:
         _add_lora(policy, cfg)
     elif cfg.loss.kind != "sft":
-        reference = copy.deepcopy(policy).requires_grad_(False).eval()
-    layout.parallelize(policy, cfg.parallel, trainable=True)
+        reference = transformer_skeleton(type(policy), policy.config, adapter.dtype).requires_grad_(False)
+    _place_model(layout, cfg, policy, weights, trainable=True)
     if reference is not None:
-        layout.parallelize(reference, cfg.parallel, trainable=False)
+        _place_model(layout, cfg, reference, weights, trainable=False)
+    del weights  # the in-memory source's full tensors go once both models hold theirs
     params = [p for p in policy.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=cfg.optim.lr, betas=(cfg.optim.beta1, cfg.optim.beta2),
                                   eps=cfg.optim.eps, weight_decay=cfg.optim.weight_decay)
@@ -203,6 +226,63 @@ def build_training_state(cfg: RunConfig, adapter: VideoModelAdapter | None = Non
     # Pair and cp ranks of one data rank must draw the same timesteps and noise.
     generator = torch.Generator().manual_seed(cfg.train.seed + 7919 * layout.dp_rank)
     return TrainingState(cfg, adapter, policy, reference, optimizer, scheduler, layout, generator)
+
+
+def _place_model(layout: ParallelLayout, cfg: RunConfig, model: nn.Module, weights: Any, trainable: bool) -> None:
+    """Parallelize `model` and, when it is on the meta device, fill it from `weights`:
+    under FSDP after sharding (each rank allocates and reads its shard only), otherwise
+    before (the replicated path broadcasts rank 0's weights)."""
+    from common.fsdp import load_weights, materialize
+
+    on_meta = any(p.is_meta for p in model.parameters())
+    offload = cfg.parallel.reference_cpu_offload and not trainable and layout.sharded(cfg.parallel)
+    device = torch.device("cpu") if offload else layout.device
+
+    def fill() -> None:
+        materialize(model, device)
+        missing = load_weights(model, weights, rename=_base_layer_key)
+        unexpected = [n for n in missing if ".lora_" not in n]
+        if unexpected:
+            source = getattr(weights, "folder", "the in-memory model")
+            raise UserError(f"{source}: no weights for {unexpected[:3]} ({len(unexpected)} missing); "
+                            "is model.path the model this run was set up for?")
+
+    if layout.sharded(cfg.parallel):
+        if not on_meta:
+            model.to(layout.device)
+        layout.parallelize(model, cfg.parallel, trainable=trainable)
+        if on_meta:
+            fill()
+    else:
+        if on_meta:
+            fill()
+        else:
+            model.to(layout.device)
+        layout.parallelize(model, cfg.parallel, trainable=trainable)
+    if cfg.lora.enabled and trainable:
+        init_lora_weights(model, cfg.train.seed)
+
+
+def _base_layer_key(name: str) -> str:
+    """A LoRA-wrapped layer's weight is `x.base_layer.weight`; the file holds `x.weight`."""
+    return name.replace(".base_layer.", ".")
+
+
+@torch.no_grad()
+def init_lora_weights(model: nn.Module, seed: int) -> None:
+    """peft's default LoRA start, drawn from one seeded generator in name order: A
+    uniform in +-1/sqrt(fan_in) (kaiming-uniform, a = sqrt 5), B zero. The same values on
+    every rank and every set-up path (sharded parameters take their rows)."""
+    from common.fsdp import StateDictWeights, load_weights
+
+    g = torch.Generator().manual_seed(seed)
+    values = {}
+    for name, p in sorted(model.named_parameters()):
+        if ".lora_A." in name:
+            values[name] = (torch.rand(p.shape, generator=g, dtype=torch.float64) * 2 - 1) / math.sqrt(p.shape[1])
+        elif ".lora_B." in name:
+            values[name] = torch.zeros(p.shape)
+    load_weights(model, StateDictWeights(values))
 
 
 def _autocast(state: TrainingState) -> contextlib.AbstractContextManager:

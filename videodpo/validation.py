@@ -40,8 +40,9 @@ def sample_errors(
     for level in levels:
         for start in range(0, latents.shape[0], batch_size):
             sl = slice(start, start + batch_size)
-            x, eps = latents[sl], noise[sl]
-            t = torch.full((x.shape[0],), level * n_train)
+            x = latents[sl]
+            eps = noise[sl].to(x.device)
+            t = torch.full((x.shape[0],), level * n_train, device=x.device)
             if obj.kind != "flow_matching":
                 t = t.floor()
             pred = adapter.predict(model, obj.add_noise(x, eps, t), t, {k: v[sl] for k, v in cond.items()})
@@ -74,15 +75,21 @@ def generate(
     width: int, first_frames: torch.Tensor | None = None, num_steps: int = 20, guidance_scale: float = 1.0,
     seed: int = 0,
 ) -> torch.Tensor:
-    """Clips `(N, 3, F, H, W)` in [-1, 1] for prompts (and first frames, I2V)."""
-    cond = adapter.prepare_conditions(prompts, first_frames, num_frames)
-    scale = 1 if adapter.pixel_space else int(adapter.pipeline.vae_scale_factor_spatial)
+    """Clips `(N, 3, F, H, W)` in [-1, 1] for prompts (and first frames, I2V). Encoding,
+    sampling and decoding run on the adapter's encoder device (the run's device)."""
+    device = adapter.encoder_device
+    with adapter.encoders_on_device():
+        if first_frames is not None:
+            first_frames = first_frames.to(device)
+        cond = {k: v.to(device) for k, v in adapter.prepare_conditions(prompts, first_frames, num_frames).items()}
+        negative = adapter.encode_prompts([""]).to(device) if guidance_scale != 1.0 else None
+        scale = 1 if adapter.pixel_space else int(adapter.pipeline.vae_scale_factor_spatial)
     channels = adapter.transformer.config.out_channels or adapter.transformer.config.in_channels
     shape = (len(prompts), channels, adapter.latent_frames(num_frames), height // scale, width // scale)
-    negative = adapter.encode_prompts([""]) if guidance_scale != 1.0 else None
     latents = adapter.sample(cond, shape, num_steps, torch.Generator().manual_seed(seed), model,
                              guidance_scale, negative)
-    return adapter.decode_latents(latents)
+    with adapter.encoders_on_device():
+        return adapter.decode_latents(latents).cpu()
 
 
 def write_contact_sheet(clips: torch.Tensor, path: str | Path, labels: list[str] | None = None,

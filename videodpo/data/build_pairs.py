@@ -60,6 +60,7 @@ class BuildPairsConfig:
     seed: int = 0  # row r is generated with seed + r
     max_sequence_length: int = 512
     dtype: str = "float32"
+    offload_encoders: bool = False  # GPU: each pipeline part on the GPU only while it runs
     limit: int | None = None  # only the first rows, for a quick look
 
 
@@ -235,7 +236,10 @@ def build_gt_pairs(cfg: BuildPairsConfig) -> BuildSummary:
     done = _done_rows(journal_dir)
     mine = rows[rank::world]
     pipe, task = load_pipeline(cfg.model, getattr(torch, cfg.dtype), cfg.task)
-    pipe.to(dist_info.device)
+    if cfg.offload_encoders and dist_info.device.type == "cuda":
+        pipe.enable_model_cpu_offload(device=dist_info.device)  # VAE / encoders move in when used
+    else:
+        pipe.to(dist_info.device)  # VAE, text and image encoders with the transformer
     journal = journal_dir / f"rank{rank}.jsonl"
     summary = BuildSummary()
     for row in progress(mine, desc="build-pairs"):

@@ -51,6 +51,7 @@ class PrecomputeConfig:
     width: int | None = None
     rows_per_shard: int = 64
     dtype: str = "float32"  # model dtype while encoding
+    offload_encoders: bool = False  # keep the encoders on the CPU between rows (on a GPU machine)
     cache_dtype: str = "float32"  # dtype of the stored tensors
 
 
@@ -179,12 +180,12 @@ def encode_pair(
             if image
             else chosen[:, 0]
         )
-        first = first[None]
-    with torch.no_grad():
+        first = first[None].to(adapter.encoder_device)
+    with torch.no_grad(), adapter.encoders_on_device():
         out = adapter.prepare_conditions([caption], first, chosen.shape[1])
         for key, clip in clips.items():
-            out[key] = adapter.encode_video(clip[None])
-    return {k: v[0].contiguous() for k, v in out.items()}
+            out[key] = adapter.encode_video(clip[None].to(adapter.encoder_device))
+    return {k: v[0].cpu().contiguous() for k, v in out.items()}
 
 
 def _trim_zero_rows(text: torch.Tensor) -> torch.Tensor:
@@ -253,7 +254,9 @@ def precompute(cfg: PrecomputeConfig) -> dict[str, int]:
     rows = read_manifest_rows(manifest, strict=False)
     done = {e["row"] for s in _existing_shards(out_dir) for e in s["entries"]}
     todo = [r for r in rows[rank::world] if r.index not in done]
-    adapter = load_adapter(cfg.model, dtype=getattr(torch, cfg.dtype))
+    # Encoders on this rank's device; the transformer is only its config (meta device).
+    adapter = load_adapter(cfg.model, dtype=getattr(torch, cfg.dtype), transformer_weights=False)
+    adapter.place_encoders(dist_info.device, offload=cfg.offload_encoders)
     producer.update(family=adapter.family, task=adapter.task)
     store = getattr(torch, cfg.cache_dtype)
     counts = torch.tensor([0, len(rows[rank::world]) - len(todo), 0])  # encoded, skipped, failed

@@ -15,14 +15,22 @@ Two kinds of model directory load: a diffusers pipeline directory (`model_index.
 VAE, text encoder, scheduler, transformer) and a pixel-space model of the synthetic
 world (`videodpo_model.json`: transformer and scheduler only, latent = pixel, captions
 embedded by `CaptionEncoder`).
+
+Encoders live where the run computes: `place_encoders(device, offload)` names the
+device, and code that encodes or decodes does it inside `with adapter.encoders_on_device():`,
+which moves the VAE, text and image encoders there (and back to the CPU afterwards when
+`offload` is set). An adapter loaded without its encoders (`model_dir` set, `pipeline`
+None: training from a latent cache) loads them the first time something encodes.
 """
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
+import shutil
 from abc import ABC, abstractmethod
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -51,9 +59,11 @@ class VideoModelAdapter(ABC):
         scheduler: Any,
         task: str,
         objective: DiffusionObjective,
-        prompt_encoder: Callable[[list[str]], torch.Tensor],
+        prompt_encoder: Callable[[list[str]], torch.Tensor] | None = None,
         pipeline: Any = None,
         pixel_meta: dict | None = None,
+        model_dir: str | Path | None = None,
+        dtype: torch.dtype = torch.float32,
     ) -> None:
         if task not in TASKS:
             raise ValueError(f"task must be one of {TASKS}, got {task!r}")
@@ -61,23 +71,76 @@ class VideoModelAdapter(ABC):
         self.scheduler = scheduler
         self.task = task
         self.objective = objective
-        self.prompt_encoder = prompt_encoder
+        self.prompt_encoder = prompt_encoder  # None: the pipeline's `encode_prompt`
         self.pipeline = pipeline  # diffusers pipeline holding VAE / encoders; None in pixel space
         self.pixel_meta = pixel_meta
+        # the pipeline folder this adapter came from: encoders load from it when first needed
+        self.model_dir = None if model_dir is None else Path(model_dir)
+        self.dtype = dtype
+        self.encoder_device = torch.device("cpu")
+        self.offload_encoders = False
+
+    # ---- encoders: what is loaded, and where it runs ----------------------------------
+
+    def place_encoders(self, device: torch.device | str, offload: bool = False) -> None:
+        """Encode on `device`; with `offload`, keep the encoders on the CPU between uses."""
+        self.encoder_device, self.offload_encoders = torch.device(device), offload
+        if not offload and self.pipeline is not None:
+            self._move_encoders(self.encoder_device)
+
+    @property
+    def encoders_loaded(self) -> bool:
+        return self.pipeline is not None
+
+    def encoder_pipeline(self) -> Any:
+        """The diffusers pipeline with VAE and encoders, loaded from `model_dir` on first
+        use (in the adapter's dtype, without a second transformer); None in pixel space."""
+        if self.pipeline is None and self.model_dir is not None:
+            from videodpo.models import load_encoder_pipeline
+
+            self.pipeline = load_encoder_pipeline(self.model_dir, self.dtype)
+            if not self.offload_encoders:
+                self._move_encoders(self.encoder_device)
+        return self.pipeline
+
+    def _move_encoders(self, device: torch.device) -> None:
+        for name in ("vae", "text_encoder", "image_encoder"):
+            module = getattr(self.pipeline, name, None)
+            if module is not None:
+                module.to(device)
+
+    @contextlib.contextmanager
+    def encoders_on_device(self) -> Iterator[None]:
+        """VAE, text and image encoders on `encoder_device` inside; back on the CPU after
+        when `offload_encoders` is set."""
+        if self.encoder_pipeline() is None:
+            yield
+            return
+        self._move_encoders(self.encoder_device)
+        try:
+            yield
+        finally:
+            if self.offload_encoders:
+                self._move_encoders(torch.device("cpu"))
 
     # ---- conditions and latents -------------------------------------------------------
 
     @property
     def pixel_space(self) -> bool:
-        return self.pipeline is None
+        return self.pipeline is None and self.model_dir is None
 
     @property
     def vae(self) -> Any:
-        return None if self.pipeline is None else self.pipeline.vae
+        pipe = self.encoder_pipeline()
+        return None if pipe is None else pipe.vae
 
     @property
     def temporal_compression(self) -> int:
         return 1 if self.vae is None else int(self.pipeline.vae_scale_factor_temporal)
+
+    def prompt_length(self) -> int:
+        """Text tokens per prompt: CogVideoX's fixed `max_text_seq_length`, else 512 (Wan)."""
+        return int(getattr(self.transformer.config, "max_text_seq_length", None) or 512)
 
     def latent_frames(self, num_frames: int) -> int:
         t = self.temporal_compression
@@ -85,7 +148,12 @@ class VideoModelAdapter(ABC):
 
     @torch.no_grad()
     def encode_prompts(self, prompts: list[str]) -> torch.Tensor:
-        return self.prompt_encoder(list(prompts))
+        if self.prompt_encoder is not None:
+            return self.prompt_encoder(list(prompts))
+        return self.encoder_pipeline().encode_prompt(
+            list(prompts), do_classifier_free_guidance=False, max_sequence_length=self.prompt_length(),
+            device=self.encoder_device,
+        )[0]
 
     @abstractmethod
     def encode_video(self, video: torch.Tensor) -> torch.Tensor:
@@ -155,10 +223,20 @@ class VideoModelAdapter(ABC):
         """A loadable model directory with `transformer` (default: the adapter's) in it."""
         out_dir = Path(out_dir)
         transformer = self.transformer if transformer is None else transformer
-        if self.pipeline is None:
+        if self.pixel_space:
             transformer.save_pretrained(out_dir / "transformer")
             self.scheduler.save_pretrained(out_dir / "scheduler")
             (out_dir / PIXEL_MODEL_FILE).write_text(json.dumps(self.pixel_meta, indent=2))
+        elif self.pipeline is None:  # encoders never loaded: copy their files, new transformer
+            out_dir.mkdir(parents=True, exist_ok=True)
+            for entry in self.model_dir.iterdir():
+                if entry.name == "transformer":
+                    continue
+                if entry.is_dir():
+                    shutil.copytree(entry, out_dir / entry.name, dirs_exist_ok=True)
+                else:
+                    shutil.copy2(entry, out_dir / entry.name)
+            transformer.save_pretrained(out_dir / "transformer")
         else:
             pipe = copy.copy(self.pipeline)
             pipe.register_modules(transformer=transformer)

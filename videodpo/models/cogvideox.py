@@ -35,13 +35,13 @@ class CogVideoXAdapter(VideoModelAdapter):
     def encode_video(self, video: torch.Tensor) -> torch.Tensor:
         if self.vae is None:
             return video.float()
-        return self.vae.encode(video.to(self.vae.dtype)).latent_dist.mode().float() * self._scaling
+        return self.vae.encode(video.to(self.vae.device, self.vae.dtype)).latent_dist.mode().float() * self._scaling
 
     @torch.no_grad()
     def decode_latents(self, latents: torch.Tensor) -> torch.Tensor:
         if self.vae is None:
             return latents.float().clamp(-1, 1)
-        video = self.vae.decode((latents.float() / self._scaling).to(self.vae.dtype)).sample
+        video = self.vae.decode((latents.float() / self._scaling).to(self.vae.device, self.vae.dtype)).sample
         return video.float().clamp(-1, 1)
 
     @torch.no_grad()

@@ -33,7 +33,7 @@ class WanAdapter(VideoModelAdapter):
     def encode_video(self, video: torch.Tensor) -> torch.Tensor:
         if self.vae is None:
             return video.float()
-        latents = self.vae.encode(video.to(self.vae.dtype)).latent_dist.mode().float()
+        latents = self.vae.encode(video.to(self.vae.device, self.vae.dtype)).latent_dist.mode().float()
         mean, std = self._latent_stats(latents)
         return (latents - mean) / std
 
@@ -42,7 +42,7 @@ class WanAdapter(VideoModelAdapter):
         if self.vae is None:
             return latents.float().clamp(-1, 1)
         mean, std = self._latent_stats(latents.float())
-        video = self.vae.decode((latents.float() * std + mean).to(self.vae.dtype)).sample
+        video = self.vae.decode((latents.float() * std + mean).to(self.vae.device, self.vae.dtype)).sample
         return video.float().clamp(-1, 1)
 
     @torch.no_grad()
@@ -63,7 +63,7 @@ class WanAdapter(VideoModelAdapter):
         pipe = self.pipeline
         if pipe is not None and getattr(pipe, "image_encoder", None) is not None:
             images = [((f.permute(1, 2, 0) + 1) * 127.5).clamp(0, 255).byte().cpu().numpy() for f in first_frames]
-            cond["image_embeds"] = pipe.encode_image(images, device=first_frames.device)
+            cond["image_embeds"] = pipe.encode_image(images, device=self.encoder_device)
         return cond
 
     def predict(
