@@ -88,7 +88,7 @@ def test_csv_bad_meta_names_row_and_field(tmp_path, cell, message):
     with pytest.raises(DataError, match=rf"pairs.csv: {message}"):
         read_manifest_rows(path)
     rows = read_manifest_rows(path, strict=False)  # check-data reports it as a bad row
-    assert rows[0].error and "meta" in rows[0].error
+    assert rows[0].error and rows[0].error_field == "meta"
 
 
 def test_csv_non_integer_num_frames_names_row_and_field(tmp_path):

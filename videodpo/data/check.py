@@ -100,7 +100,7 @@ def check_row(
     """Problems of one manifest row (empty when the row is good); `decode=False` reads
     video headers only."""
     if row.error is not None:
-        return [RowProblem(row.index, "row", None, row.error)]
+        return [RowProblem(row.index, row.error_field, None, row.error)]
     problems: list[RowProblem] = []
     declared = row.data.get("num_frames")
     if declared is not None and not (isinstance(declared, int) and declared > 0):

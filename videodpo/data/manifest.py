@@ -32,6 +32,7 @@ class ManifestRow:
     index: int
     data: dict = field(default_factory=dict)
     error: str | None = None
+    error_field: str = "row"  # the field `error` is about
 
     def path(self, key: str, root: Path) -> Path | None:
         value = self.data.get(key)
@@ -77,10 +78,10 @@ def read_manifest_rows(path: str | Path, strict: bool = True) -> list[ManifestRo
         for i, raw in enumerate(csv.DictReader(io.StringIO(text, newline="")), start=1):
             try:
                 rows.append(ManifestRow(i, _csv_row(raw)))
-            except ValueError as err:
+            except _FieldError as err:
                 if strict:
-                    raise DataError(f"{path}: row {i}: {err}") from None
-                rows.append(ManifestRow(i, {}, str(err)))
+                    raise DataError(f"{path}: row {i}: field '{err.field}': {err}") from None
+                rows.append(ManifestRow(i, {}, str(err), err.field))
         return rows
     for i, line in enumerate(text.splitlines(), start=1):
         if not line.strip():
@@ -99,9 +100,15 @@ def read_manifest_rows(path: str | Path, strict: bool = True) -> list[ManifestRo
     return rows
 
 
+class _FieldError(ValueError):
+    def __init__(self, field: str, message: str) -> None:
+        super().__init__(message)
+        self.field = field
+
+
 def _csv_row(row: dict) -> dict:
     """One CSV row with `meta` parsed as JSON and `fps` / `num_frames` as numbers;
-    ValueError naming the field otherwise."""
+    _FieldError naming the field otherwise."""
     out: dict = {}
     for key, value in row.items():
         if key is None:
@@ -110,15 +117,15 @@ def _csv_row(row: dict) -> dict:
             try:
                 value = json.loads(value)
             except json.JSONDecodeError as err:
-                raise ValueError(f"field 'meta': not JSON ({err.msg}): {value[:60]!r}") from None
+                raise _FieldError("meta", f"not JSON ({err.msg}): {value[:60]!r}") from None
             if not isinstance(value, dict):
-                raise ValueError(f"field 'meta': expected a JSON object, got {type(value).__name__}")
+                raise _FieldError("meta", f"expected a JSON object, got {type(value).__name__}")
         elif key in ("fps", "num_frames") and value not in (None, ""):
             try:
                 value = float(value) if key == "fps" else int(value)
             except ValueError:
                 kind = "a number" if key == "fps" else "an integer"
-                raise ValueError(f"field '{key}': expected {kind}, got {value!r}") from None
+                raise _FieldError(key, f"expected {kind}, got {value!r}") from None
         out[key] = value
     return out
 
