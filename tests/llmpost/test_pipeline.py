@@ -110,7 +110,7 @@ def test_resume_after_a_killed_stage_gives_the_same_model(assets, tmp_path, stag
             run_stage(cfg, earlier)
     run_stage(straight, stage)
     with pytest.raises(StageInterrupted):
-        run_stage(killed, stage, stop_after=2)
+        run_stage(killed, stage, stop_after=3)  # after step 3; the last checkpoint is step 2
     assert not (stage_dir(killed, stage) / "done.json").exists()
     run_stage(killed, stage)
     a, b = _weights(straight, stage), _weights(killed, stage)
@@ -122,6 +122,7 @@ def test_resume_after_a_killed_stage_gives_the_same_model(assets, tmp_path, stag
     log = [json.loads(x)["step"] for x in
            (stage_dir(killed, stage) / "metrics.jsonl").read_text().splitlines()]
     assert log[-1] == (straight.stage1.steps if stage == 1 else straight.stage2.steps)
+    assert len(log) == len(set(log))  # step 3, logged before the kill, is not logged twice
 
 
 def test_stage2_with_the_projector(assets, tmp_path):

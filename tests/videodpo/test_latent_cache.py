@@ -186,3 +186,46 @@ def test_precompute_split_over_data_parallel_ranks(models, pairs, tmp_path):
     for i in range(3):
         for key in ("chosen", "rejected", "text"):
             assert torch.equal(dp[i][key], one[i][key])
+
+
+def test_training_from_the_cache_constructs_no_vae_or_encoder(models, pairs, tmp_path):
+    """`videodpo train` on a latent cache loads the transformer and the scheduler only:
+    no VAE, text or image encoder is constructed (recorded at their constructors), and
+    the full export still is a complete pipeline folder (their files copied)."""
+    import functools
+    from unittest import mock
+
+    import diffusers
+    import transformers
+
+    from videodpo.config import RunConfig
+    from videodpo.trainer import train
+
+    precompute(_cfg(pairs, models["i2v"], tmp_path / "cache"))
+    built: list[str] = []
+
+    def recording(cls):
+        real = cls.__init__
+
+        @functools.wraps(real)  # diffusers reads the config keys off the signature
+        def init(self, *args, **kwargs):
+            built.append(cls.__name__)
+            real(self, *args, **kwargs)
+
+        return mock.patch.object(cls, "__init__", init)
+
+    watched = (diffusers.AutoencoderKLWan, transformers.UMT5EncoderModel, transformers.CLIPVisionModel,
+               diffusers.WanTransformer3DModel)
+    cfg = RunConfig(out_dir=str(tmp_path / "run"))
+    cfg.model.path, cfg.data.latent_cache = str(models["i2v"]), str(tmp_path / "cache")
+    cfg.loss.beta, cfg.optim.lr, cfg.train.steps, cfg.train.batch_size = 100.0, 1e-3, 2, 2
+    with recording(watched[0]), recording(watched[1]), recording(watched[2]), recording(watched[3]):
+        result = train(cfg)
+    assert built == ["WanTransformer3DModel", "WanTransformer3DModel"]  # policy, reference
+    assert result.steps == 2
+    exported = load_adapter(result.export_dir)  # VAE and encoders copied, transformer trained
+    start = load_adapter(models["i2v"])
+    assert exported.vae is not None and exported.pipeline.image_encoder is not None
+    moved = [n for n, p in exported.transformer.state_dict().items()
+             if not torch.equal(p, start.transformer.state_dict()[n])]
+    assert moved

@@ -57,9 +57,9 @@ def transformer_skeleton(cls: type[nn.Module], config: dict, dtype: torch.dtype 
 
     with init_empty_weights(include_buffers=False):
         model = cls.from_config(config)
-    model.to(dtype)
-    keep = getattr(model, "_keep_in_fp32_modules", None) or []
-    if dtype != torch.float32 and keep:
+    if dtype != torch.float32:
+        nn.Module.to(model, dtype)  # diffusers' own `to` warns about the fp32 modules
+        keep = getattr(model, "_keep_in_fp32_modules", None) or []
         for name, module in model.named_modules():
             if any(k in name.split(".") for k in keep):
                 module.float()
