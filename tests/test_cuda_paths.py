@@ -233,3 +233,43 @@ def test_attention_with_lse_gradients_on_cuda_match_cpu(dtype):
     for name, a, b in zip(("dq", "dk", "dv"), got, want):
         err = ((a - b).abs().max() / b.abs().max()).item()
         assert err < tol, f"{name}: relative error {err:.1e}"
+
+
+def test_vllm_engine_knobs_on_cuda(tmp_path):
+    """The GPU knobs of `generation.vllm`: CUDA graphs (enforce_eager off), a memory share,
+    max_model_len and sleep / wake-up around the update; greedy still equals HF's after a
+    weight change pushed while the engine slept, and the log-probs match the policy's."""
+    pytest.importorskip("vllm")
+    from llmpost.rollout import GenerationConfig, HFRollout, VLLMEngineConfig, VLLMRollout
+    from llmpost.tasks import vocabulary_words
+    from llmpost.tokenizer import train_tokenizer
+    from tests.llmpost.conftest import make_tiny_model
+
+    tokenizer = train_tokenizer([" ".join(vocabulary_words())])
+    model = make_tiny_model(tokenizer, seed=0, hidden=128)
+    model.save_pretrained(str(tmp_path))
+    tokenizer.save_pretrained(str(tmp_path))
+    cfg = GenerationConfig(max_new_tokens=6, backend="vllm", vllm=VLLMEngineConfig(
+        gpu_memory_utilization=0.2, enforce_eager=False, max_model_len=128,
+        sleep_between_rollouts=True))
+    engine = VLLMRollout(str(tmp_path), tokenizer, cfg)
+    prompts = [tokenizer(w, add_special_tokens=False).input_ids for w in
+               ("cat dog", "the house is", "tech news today")]
+    with torch.no_grad():
+        model.get_input_embeddings().weight.mul_(25.0)  # peaked: clear greedy winners
+    engine.sync_weights(model)
+    engine.generate(prompts, 2, seed=0)
+    engine.sleep()
+    assert engine.asleep
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.01 * torch.randn_like(p))
+    engine.sync_weights(model)  # wakes the engine
+    assert not engine.asleep
+    ours = engine.generate(prompts, 1, greedy=True).response_ids
+    hf = HFRollout(model, tokenizer, cfg).generate(prompts, 1, greedy=True).response_ids
+    assert ours == hf
+    sampled = engine.generate(prompts, 4, seed=1)
+    policy = HFRollout(model, tokenizer, cfg).score(sampled.prompt_ids, sampled.response_ids)
+    assert max(abs(a - b) for e, p in zip(sampled.logprobs, policy) for a, b in zip(e, p)) < 2e-3
+    engine.close()
