@@ -353,3 +353,62 @@ def test_grad_accum_with_fsdp_syncs_once_and_equals_one_process(tmp_path):
         assert rank_loss == pytest.approx(loss, rel=1e-5)
         for name, p in params.items():
             torch.testing.assert_close(rank_params[name], p, rtol=0, atol=1e-5, msg=name)
+
+
+def _set_up_both_ways(rank, world_size, model_dir, out_dir):
+    """FSDP on 2 ranks, set up from `model.path` (meta device, each rank reads its rows)
+    and from an in-memory adapter (today's path), full and LoRA: parameters after set-up,
+    after two steps, the losses, and the row ranges this rank read from the files."""
+    from unittest import mock
+
+    from common.fsdp import SafetensorsWeights, full_state_dict
+    from videodpo.trainer import build_training_step, random_pair_batch
+
+    reads: list[tuple[str, int | None, int | None]] = []
+    real_rows = SafetensorsWeights.rows
+
+    def recording_rows(self, key, start=None, stop=None):
+        reads.append((key, start, stop))
+        return real_rows(self, key, start, stop)
+
+    out = {}
+    for lora in (False, True):
+        for source in ("meta", "memory"):
+            cfg = _cfg(Path(out_dir), steps=2, lora=lora)
+            cfg.model.path, cfg.optim.eps = model_dir, 1e-4
+            adapter = None if source == "meta" else load_adapter(model_dir)
+            with mock.patch.object(SafetensorsWeights, "rows", recording_rows):
+                step_fn, state = build_training_step(cfg, adapter)
+            set_up = full_state_dict(state.policy)
+            reference = None if state.reference is None else full_state_dict(state.reference)
+            losses = [step_fn(random_pair_batch(state.adapter, 2, 4, 8, 8, seed=s))["loss"] for s in (1, 2)]
+            out[lora, source] = (set_up, reference, losses, full_state_dict(state.policy))
+    return out, reads
+
+
+@pytest.mark.slow
+def test_meta_device_set_up_on_two_ranks_equals_todays_path(tmp_path):
+    from tests.multiproc import run_on_ranks
+
+    model_dir = str(_adapter().save_pretrained(tmp_path / "model"))
+    results = run_on_ranks(_set_up_both_ways, 2, model_dir, str(tmp_path / "run"))
+    weight = "blocks.0.ffn.net.0.proj.weight"  # (64, 32): 32 rows each
+    for rank, (out, reads) in enumerate(results):
+        # each rank read only the rows it keeps, for the policy and the reference
+        assert [(s, e) for k, s, e in reads if k == weight] == [(32 * rank, 32 * rank + 32)] * 3
+        assert all(s is not None for k, s, e in reads if k.endswith(".weight"))
+        for lora in (False, True):
+            meta, memory = out[lora, "meta"], out[lora, "memory"]
+            assert meta[0].keys() == memory[0].keys()
+            for name in memory[0]:
+                torch.testing.assert_close(meta[0][name], memory[0][name], rtol=0, atol=0, msg=name)
+                torch.testing.assert_close(meta[3][name], memory[3][name], rtol=0, atol=1e-7, msg=name)
+            if not lora:
+                for name in memory[1]:
+                    torch.testing.assert_close(meta[1][name], memory[1][name], rtol=0, atol=0, msg=name)
+            assert meta[2] == pytest.approx(memory[2], rel=1e-6)
+            if lora:  # the two steps trained the adapters
+                lora_b = [v for k, v in meta[3].items() if "lora_B" in k]
+                assert lora_b and all(v.abs().max() > 0 for v in lora_b)
+            else:
+                _assert_trained(meta[3])
