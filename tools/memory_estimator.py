@@ -19,16 +19,24 @@ against `torch.autograd.graph.saved_tensors_hooks` on tiny models (exact to the 
 
 The working-set terms on top (what the step holds besides saved activations: the
 reference forward, the end of the forward, one recomputed block, context-parallel
-buffers, the ring's score blocks) are read off the code of `videodpo.trainer` and
-`common.context_parallel` and checked against the measured tiny runs, not fitted. The
-ring term is quadratic in the shard length because our ring attends in plain math (it
-must return the log-sum-exp on the CPU); a flash-attention ring would not pay it.
+buffers) are read off the code of `videodpo.trainer` and `common.context_parallel` and
+checked against the measured tiny runs, not fitted. Ring attention runs its blocks on
+fused kernels that return the log-sum-exp, so it keeps what Ulysses keeps (measured:
+within 2% of Ulysses' peak at the same frames) and has no term of its own.
+
+Gradients do not coexist with all activations: the peak is the largest of three phases
+on top of the resident state (parameters, AdamW moments, reference): the forwards
+(activations plus the forward working set, no gradients yet), the start of backward
+(activations, one recomputed block with AC, and the first block's gradient), and the
+optimizer step (all gradients, activations gone). At tiny width gradients are
+negligible; at real width (tools/scale_bench.py, Wan2.1-T2V-1.3B blocks) counting all
+gradients on top of all activations overestimated the measured peak by 14%.
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 FP32 = 4
@@ -69,13 +77,11 @@ REFERENCE_FFN = 2
 # block inputs plus one block whose forward has just been recomputed.
 # Context parallelism (common.cp_plans on Wan), per token of the rank's shard: one more
 # hidden-size vector kept per block, all-to-all or ring buffers in flight (hidden-size
-# units), the gathered prediction (a whole-video latent), and for the ring the fp32
-# score-sized matrices of one K/V block (scores, probabilities, their gradients), which
-# grow with the square of the shard length because that ring attends in plain math.
+# units) and the gathered prediction (a whole-video latent); the same for Ulysses and
+# for ring attention on fused blocks.
 CP_BLOCK_HIDDEN = 1
 CP_TRANSIENT_HIDDEN = 4
 CP_GATHERED_LATENT = 1
-RING_SCORE_MATRICES = 4
 
 
 @dataclass(frozen=True)
@@ -268,12 +274,18 @@ def context_saved_bytes(dims: ModelDims, precision: Precision) -> float:
 
 @dataclass(frozen=True)
 class Estimate:
-    """Per-rank bytes of one training step, by part; `peak` is what the budget is for."""
+    """Per-rank bytes of one training step, by part; `peak` is what the budget is for.
+
+    `model_state` is what stays resident through the step (parameter shards, AdamW
+    moments, the reference); `transient` is what the peak phase holds on top of the
+    activations (working set, gradients), so `peak` is the sum of the four. `phases`
+    gives the top of each phase above state and FSDP buffers."""
 
     model_state: float
     fsdp_buffers: float
     activations: float
     transient: float
+    phases: dict[str, float] = field(default_factory=dict, compare=False)
 
     @property
     def peak(self) -> float:
@@ -313,8 +325,10 @@ def estimate_peak(
     d = dims.hidden
     params = param_count(dims)
     shards = layout.fsdp_shards or world_size
-    # Policy: fp32 shard + fp32 gradient shard + two AdamW moments; reference shard.
-    model_state = params * (3 * FP32 + FP32 + precision.reference_bytes) / shards
+    # Resident: policy fp32 shard + two AdamW moments + reference shard. Gradients are
+    # counted in the phase that holds them.
+    model_state = params * (3 * FP32 + precision.reference_bytes) / shards
+    gradients = params * FP32 / shards
     # Unsharded parameters of the root and of two blocks (current + prefetched), and one
     # block's unsharded gradient before its reduce-scatter.
     fsdp_buffers = 0.0
@@ -330,28 +344,30 @@ def estimate_peak(
     # loss's tensors after `proj_out`'s gather (and the gathered prediction itself).
     whole = outer_global_bytes_per_token(dims, precision) + BACKWARD_LATENT * latent
     cp_buffers = 0.0
-    ring_scores = 0.0
     if layout.cp > 1:
         block += CP_BLOCK_HIDDEN * d * cb
         whole += CP_GATHERED_LATENT * latent
         cp_buffers = CP_TRANSIENT_HIDDEN * d * cb
-        if layout.cp_mode == "ring":
-            # one K/V block's scores, probabilities and their gradients at a time, fp32
-            ring_scores = videos * RING_SCORE_MATRICES * dims.num_heads * local**2 * FP32
     outer_local = outer_local_bytes_per_token(dims, precision)
     context = videos * context_saved_bytes(dims, precision)
     per_layer = d * cb if layout.ac else block
     kept = videos * (local * (dims.num_layers * per_layer + outer_local) + tokens * whole) + context
     forward_live = videos * tokens * FORWARD_LATENT * latent
     reference = videos * local * ((REFERENCE_HIDDEN * d + REFERENCE_FFN * dims.ffn_dim) * cb + cp_buffers)
-    reference += ring_scores
+    # The first block's gradient during its backward: without FSDP it lands in the
+    # parameters' .grad (fp32); under FSDP its unsharded form is in fsdp_buffers.
+    first_block_grad = 0.0 if shards > 1 else block_params(dims) * FP32
     if layout.ac:
-        recompute = videos * local * (block + cp_buffers) + ring_scores
-        transient = max(forward_live + reference, recompute)
+        recompute = videos * local * (block + cp_buffers)
+        phases = {"forward": kept + forward_live + reference, "backward": kept + recompute + first_block_grad}
     else:
         end_of_forward = videos * (tokens * END_OF_FORWARD_LATENT * latent + local * END_OF_FORWARD_HIDDEN * d * cb)
-        transient = forward_live + max(end_of_forward, reference)
-    return Estimate(model_state, fsdp_buffers, kept, transient)
+        phases = {"forward": kept + forward_live + max(end_of_forward, reference), "backward": kept + first_block_grad}
+    # Optimizer step: every gradient shard; AdamW's temporaries (one per tensor on the
+    # CPU, a foreach list on CUDA) are not counted.
+    phases["optimizer"] = gradients
+    transient = max(phases.values()) - kept
+    return Estimate(model_state, fsdp_buffers, kept, transient, phases)
 
 
 def max_frames_estimate(
