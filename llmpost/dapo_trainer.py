@@ -206,6 +206,8 @@ def train_dapo(
     if cfg.tis_cap is not None and not use_engine:
         raise ConfigError("dapo.tis_cap corrects the engine's sampling: it needs "
                           "generation.backend=vllm")
+    if cfg.tis_cap is not None and cfg.tis_cap <= 0:
+        raise ConfigError(f"dapo.tis_cap: expected a cap > 0 (e.g. 2), got {cfg.tis_cap}")
     stage_dir = Path(stage_dir)
     rank, world = rank_and_world()
     run = start_stage(model, cfg.lr, cfg.weight_decay, stage_dir, seed)

@@ -286,3 +286,6 @@ def test_unknown_backend_and_tis_without_engine_are_config_errors(word_tokenizer
     cfg = replace(_dapo_cfg(), generation=GenerationConfig())
     with pytest.raises(ConfigError, match="tis_cap"):
         train_dapo(_policy(word_tokenizer, 0), word_tokenizer, [], [], cfg, None, tmp_path)
+    with pytest.raises(ConfigError, match="tis_cap: expected a cap > 0"):
+        train_dapo(_policy(word_tokenizer, 0), word_tokenizer, [], [],
+                   replace(_dapo_cfg(), tis_cap=0.0), None, tmp_path)
