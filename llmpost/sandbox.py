@@ -146,7 +146,8 @@ class _CappedReader:
                 self.selector.unregister(key.fileobj)
                 continue
             room = self.cap - self.sizes[name]
-            self.chunks[name].append(data[:room])
+            if room > 0:
+                self.chunks[name].append(data[:room])
             self.sizes[name] += len(data)
             if self.sizes[name] > self.cap:
                 return False
@@ -234,11 +235,12 @@ def _run_capped(cmd: list[str], stdin: str, limits: SandboxLimits, cwd: str | No
                 timed_out = True
     finally:
         # Always: a child that closed its output and went on must not outlive the call.
-        _kill_namespace_init(proc, init_pid)
-        try:
-            proc.wait(5.0)
-        except subprocess.TimeoutExpired:
-            pass
+        if info_pipe is not None:  # bwrap: its init first, so bwrap itself reaps it
+            _kill_namespace_init(proc, init_pid)
+            try:
+                proc.wait(5.0)
+            except subprocess.TimeoutExpired:
+                pass
         _kill_group(proc)
         proc.wait()
         reader.close()
@@ -251,7 +253,7 @@ def _run_capped(cmd: list[str], stdin: str, limits: SandboxLimits, cwd: str | No
     )
 
 
-_PROBED: dict[tuple[str, bool], str | None] = {}
+_PROBED: dict[tuple[str, bool], tuple[str | None, float]] = {}  # (bwrap, root) -> (reason, seconds)
 _PROBE_LOCK = threading.Lock()
 
 
@@ -295,11 +297,12 @@ class CodeSandbox:
             if key not in _PROBED:
                 result = self._run_sandboxed(path, "pass", "", replace(self.limits, timeout_s=10.0),
                                              slot=0)
-                _PROBED[key] = None if result.ok else (
+                reason = None if result.ok else (
                     f"{path} cannot create the sandbox's namespaces: "
                     f"{(result.stderr.strip().splitlines() or ['no message'])[-1]}"
                 )
-            return _PROBED[key]
+                _PROBED[key] = (reason, result.seconds)
+            return _PROBED[key][0]
 
     @property
     def sandboxed(self) -> bool:
@@ -310,6 +313,9 @@ class CodeSandbox:
         allowed; raises SandboxUnavailable otherwise."""
         reason = self.unavailable_reason()
         if reason is None:
+            seconds = _PROBED[(self.bwrap_path(), self.as_root)][1]
+            logger.info("code reward: programs run in a bwrap sandbox (%s; %.0f ms to start one)",
+                        self.bwrap_path(), 1000 * seconds)
             return True
         if not self.allow_unsandboxed:
             raise SandboxUnavailable(f"code reward: {reason}; {INSTALL_HINT}")

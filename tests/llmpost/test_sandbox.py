@@ -207,3 +207,19 @@ def test_refusal_names_the_fix_when_bwrap_is_not_on_path(monkeypatch):
     monkeypatch.setenv("PATH", "/nonexistent")
     with pytest.raises(SandboxUnavailable, match="bubblewrap not found.*install"):
         CodeSandbox(LIMITS, workers=1).check()
+
+
+def test_record_check_refuses_code_rows_without_bwrap_and_warns_each_stage_when_allowed(caplog):
+    from llmpost.data import TaskRecord
+
+    rows = [TaskRecord("c1", "code", "sns", "42", "code", prompt="print 42", source="t.jsonl:1")]
+    hidden = CodeSandbox(LIMITS, bwrap="/nonexistent/bwrap", workers=1)
+    with pytest.raises(SandboxUnavailable, match="install bubblewrap"):
+        default_registry(code_sandbox=hidden).check_records(rows)
+    default_registry(code_sandbox=hidden).check_records([])  # no code rows: nothing to refuse
+    allowed = CodeSandbox(LIMITS, bwrap="/nonexistent/bwrap", allow_unsandboxed=True, workers=1)
+    registry = default_registry(code_sandbox=allowed)
+    with caplog.at_level("WARNING"):
+        registry.check_records(rows)  # stage 1
+        registry.check_records(rows)  # stage 3
+    assert caplog.text.count("WITHOUT a sandbox") == 2
