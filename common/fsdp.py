@@ -121,7 +121,9 @@ def apply_fsdp(
         logger.info("no process group: FSDP not applied")
         return model
     mp_policy = MixedPrecisionPolicy(param_dtype=to_dtype(param_dtype), reduce_dtype=to_dtype(reduce_dtype))
-    offload = CPUOffloadPolicy() if cpu_offload else OffloadPolicy()
+    # pinned host memory needs an accelerator; on a CPU-only machine offload unpinned
+    pin = torch.accelerator.is_available()
+    offload = CPUOffloadPolicy(pin_memory=pin) if cpu_offload else OffloadPolicy()
     blocks = find_blocks(model, block_types)
     for block in blocks:
         fully_shard(block, mesh=mesh, mp_policy=mp_policy, offload_policy=offload,

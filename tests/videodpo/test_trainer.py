@@ -372,17 +372,17 @@ def _set_up_both_ways(rank, world_size, model_dir, out_dir):
         return real_rows(self, key, start, stop)
 
     out = {}
-    for lora in (False, True):
-        for source in ("meta", "memory"):
-            cfg = _cfg(Path(out_dir), steps=2, lora=lora)
-            cfg.model.path, cfg.optim.eps = model_dir, 1e-4
-            adapter = None if source == "meta" else load_adapter(model_dir)
-            with mock.patch.object(SafetensorsWeights, "rows", recording_rows):
-                step_fn, state = build_training_step(cfg, adapter)
-            set_up = full_state_dict(state.policy)
-            reference = None if state.reference is None else full_state_dict(state.reference)
-            losses = [step_fn(random_pair_batch(state.adapter, 2, 4, 8, 8, seed=s))["loss"] for s in (1, 2)]
-            out[lora, source] = (set_up, reference, losses, full_state_dict(state.policy))
+    for lora, source in [(False, "meta"), (False, "memory"), (False, "offload"), (True, "meta"), (True, "memory")]:
+        cfg = _cfg(Path(out_dir), steps=2, lora=lora)
+        cfg.model.path, cfg.optim.eps = model_dir, 1e-4
+        cfg.parallel.reference_cpu_offload = source == "offload"
+        adapter = None if source != "memory" else load_adapter(model_dir)
+        with mock.patch.object(SafetensorsWeights, "rows", recording_rows):
+            step_fn, state = build_training_step(cfg, adapter)
+        set_up = full_state_dict(state.policy)
+        reference = None if state.reference is None else full_state_dict(state.reference)
+        losses = [step_fn(random_pair_batch(state.adapter, 2, 4, 8, 8, seed=s))["loss"] for s in (1, 2)]
+        out[lora, source] = (set_up, reference, losses, full_state_dict(state.policy))
     return out, reads
 
 
@@ -395,7 +395,7 @@ def test_meta_device_set_up_on_two_ranks_equals_todays_path(tmp_path):
     weight = "blocks.0.ffn.net.0.proj.weight"  # (64, 32): 32 rows each
     for rank, (out, reads) in enumerate(results):
         # each rank read only the rows it keeps, for the policy and the reference
-        assert [(s, e) for k, s, e in reads if k == weight] == [(32 * rank, 32 * rank + 32)] * 3
+        assert [(s, e) for k, s, e in reads if k == weight] == [(32 * rank, 32 * rank + 32)] * 5
         assert all(s is not None for k, s, e in reads if k.endswith(".weight"))
         for lora in (False, True):
             meta, memory = out[lora, "meta"], out[lora, "memory"]
@@ -407,6 +407,11 @@ def test_meta_device_set_up_on_two_ranks_equals_todays_path(tmp_path):
                 for name in memory[1]:
                     torch.testing.assert_close(meta[1][name], memory[1][name], rtol=0, atol=0, msg=name)
             assert meta[2] == pytest.approx(memory[2], rel=1e-6)
+            if not lora:  # a CPU-offloaded reference gives the same run
+                offload = out[False, "offload"]
+                assert offload[2] == pytest.approx(memory[2], rel=1e-6)
+                for name in memory[3]:
+                    torch.testing.assert_close(offload[3][name], memory[3][name], rtol=0, atol=1e-7, msg=name)
             if lora:  # the two steps trained the adapters
                 lora_b = [v for k, v in meta[3].items() if "lora_B" in k]
                 assert lora_b and all(v.abs().max() > 0 for v in lora_b)
