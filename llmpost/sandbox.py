@@ -329,11 +329,12 @@ class CodeSandbox:
         limits = limits or self.limits
         slot = self._slots.get()
         try:
-            path = self.bwrap_path()
-            if path is not None and self.unavailable_reason() is None:
-                return self._run_sandboxed(path, code, stdin, limits, slot)
-            self.check()  # raises unless unsandboxed runs are allowed
-            return self._run_unsandboxed(code, stdin, limits)
+            reason = self.unavailable_reason()
+            if reason is None:
+                return self._run_sandboxed(self.bwrap_path(), code, stdin, limits, slot)
+            if not self.allow_unsandboxed:
+                raise SandboxUnavailable(f"code reward: {reason}; {INSTALL_HINT}")
+            return self._run_unsandboxed(code, stdin, limits)  # check() warned once per stage
         finally:
             self._slots.put(slot)
 
