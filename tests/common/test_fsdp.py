@@ -125,3 +125,38 @@ def test_activation_checkpointing_with_padding_mask_on_a_causal_lm():
         model(input_ids=ids, attention_mask=mask).logits[mask.bool()].sum().backward()
     for (name, p), q in zip(plain.named_parameters(), ckpt.parameters()):
         assert torch.allclose(p.grad, q.grad, rtol=1e-5, atol=1e-7), name
+
+
+def _load_sharded(rank, world, folder):
+    """Meta-device skeleton, FSDP2 over the ranks, then this rank's rows from the files."""
+    from accelerate import init_empty_weights
+    from diffusers import WanTransformer3DModel
+
+    from common.fsdp import SafetensorsWeights, load_weights, materialize
+
+    with init_empty_weights(include_buffers=False):
+        model = WanTransformer3DModel.from_config(WanTransformer3DModel.load_config(folder))
+    apply_fsdp(model)
+    materialize(model, "cpu")
+    weights = SafetensorsWeights(folder)
+    missing = load_weights(model, weights)
+    local_bytes = sum(p.to_local().numel() * p.element_size() for p in model.parameters())
+    loss = tiny.wan_loss(model, *tiny.wan_batch(2)).item()
+    return missing, full_state_dict(model), local_bytes, loss, len(weights._handles)
+
+
+@pytest.mark.slow  # two spawned processes importing diffusers
+def test_meta_skeleton_filled_from_sharded_safetensors_on_two_ranks(tmp_path):
+    """A model saved as several safetensors shards (with an index) loads into an FSDP2
+    skeleton: every rank keeps about half the bytes, and the result equals the model."""
+    source = tiny.tiny_wan()
+    source.save_pretrained(tmp_path / "model", max_shard_size="20KB")
+    expect = source.state_dict()
+    expect_loss = tiny.wan_loss(source, *tiny.wan_batch(2)).item()
+    total = sum(p.numel() * p.element_size() for p in source.parameters())
+    for missing, params, local_bytes, loss, files in run_on_ranks(_load_sharded, 2, str(tmp_path / "model")):
+        assert missing == [] and files > 1
+        assert local_bytes < 0.6 * total  # scale_shift_table (1, 2, 16) leaves rank 1 no rows
+        assert abs(loss - expect_loss) <= 1e-5 * abs(expect_loss)
+        for name, value in expect.items():
+            assert torch.equal(params[name], value), name
