@@ -273,3 +273,37 @@ def test_vllm_engine_knobs_on_cuda(tmp_path):
     policy = HFRollout(model, tokenizer, cfg).score(sampled.prompt_ids, sampled.response_ids)
     assert max(abs(a - b) for e, p in zip(sampled.logprobs, policy) for a, b in zip(e, p)) < 2e-3
     engine.close()
+
+
+@pytest.mark.parametrize("offload", [False, True])
+def test_raw_clip_training_encodes_on_the_gpu(tmp_path, offload):
+    """videodpo with a pipeline folder on a GPU: the VAE, text and image encoders run on
+    the GPU (no encoder work on the CPU); `model.offload_encoders` parks them on the CPU
+    between uses."""
+    from unittest import mock
+
+    from tests.videodpo.tiny_models import build_tiny_wan_pipeline
+    from videodpo.config import RunConfig
+    from videodpo.trainer import build_training_state, collate_pairs
+
+    cfg = RunConfig(out_dir=str(tmp_path / "run"))
+    cfg.model.path, cfg.model.offload_encoders = str(build_tiny_wan_pipeline(tmp_path / "wan", "i2v")), offload
+    cfg.loss.kind = "sft"
+    adapter = build_training_state(cfg).adapter
+    seen = []
+    real_encode = adapter.encode_video
+
+    def spy(video):
+        seen.append((video.device.type, next(adapter.vae.parameters()).device.type))
+        return real_encode(video)
+
+    clip = torch.rand(3, 5, 32, 32) * 2 - 1
+    items = [{"chosen": clip, "rejected": clip.flip(-1), "caption": "a red square moving left",
+              "first_frame": clip[:, 0]}]
+    with mock.patch.object(adapter, "encode_video", spy):
+        batch = collate_pairs(adapter, items)
+    assert seen and all(s == ("cuda", "cuda") for s in seen)
+    assert batch.chosen.is_cuda and batch.cond["text"].is_cuda and batch.cond["image_embeds"].is_cuda
+    parked = {next(getattr(adapter.pipeline, n).parameters()).device.type
+              for n in ("vae", "text_encoder", "image_encoder")}
+    assert parked == ({"cpu"} if offload else {"cuda"})

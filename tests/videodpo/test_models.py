@@ -140,3 +140,36 @@ def test_tiny_diffusers_wan_pipeline_loads_and_encodes(tmp_path):
     assert pred.shape == latents.shape
     assert per_sample_error(pred, latents).shape == (1,)
     assert adapter.decode_latents(latents).shape == clips.shape
+
+
+@pytest.mark.parametrize("offload", [False, True])
+def test_raw_clips_encode_on_the_encoder_device_and_offload_after(tmp_path, offload):
+    """`collate_pairs` encodes inside `encoders_on_device`: the text encoder gets the
+    encoder device, and with offloading the VAE and text encoder go back to the CPU
+    after each use (a second `to`); the GPU half of this is in tests/test_cuda_paths.py."""
+    from unittest import mock
+
+    from tests.videodpo.tiny_models import build_tiny_wan_pipeline
+    from videodpo.models import load_adapter
+    from videodpo.trainer import collate_pairs
+
+    adapter = load_adapter(build_tiny_wan_pipeline(tmp_path / "wan", "t2v"))
+    adapter.place_encoders(torch.device("cpu"), offload=offload)
+    moves: list[str] = []
+    for name in ("vae", "text_encoder"):
+        module = getattr(adapter.pipeline, name)
+        real_to = module.to
+
+        def recording_to(*args, _name=name, _to=real_to, **kwargs):
+            moves.append(_name)
+            return _to(*args, **kwargs)
+
+        module.to = recording_to
+    clip = torch.rand(3, 5, 32, 32) * 2 - 1
+    items = [{"chosen": clip, "rejected": clip.flip(-1), "caption": "a red square moving left"}]
+    pipe = adapter.pipeline
+    with mock.patch.object(pipe, "encode_prompt", wraps=pipe.encode_prompt) as encode_prompt:
+        batch = collate_pairs(adapter, items)
+    assert encode_prompt.call_args.kwargs["device"] == torch.device("cpu")
+    assert batch.chosen.shape == (1, 16, 2, 4, 4) and batch.cond["text"].shape[0] == 1
+    assert moves == (["vae", "text_encoder"] * (2 if offload else 1))
