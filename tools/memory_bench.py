@@ -66,6 +66,7 @@ from tools.memory_estimator import (  # noqa: E402
 )
 
 MB = 2.0**20
+MEASURE_ATTEMPTS = 3  # a step that hit major page faults is measured again, up to this often
 DEFAULT_CONFIG = ROOT / "configs" / "bench" / "wan_tiny.yaml"
 REAL_MODELS = {"Wan2.1-T2V-1.3B": WAN21_T2V_1_3B, "Wan2.1-I2V-14B": WAN21_I2V_14B}
 
@@ -194,6 +195,9 @@ class Measurement:
     estimate_mb: float
     error: float  # (estimate - measured) / measured
     method: str  # cuda_max_allocated | cpu_vmhwm
+    # page faults that read from disk during the step, max over ranks: > 0 means the
+    # machine was short of memory and evicted pages (VmHWM then reads low)
+    major_faults: int = 0
 
 
 # ---- one measurement, in fresh processes ----------------------------------------------
@@ -251,6 +255,7 @@ def estimated_layout(cfg: BenchConfig, layout: Layout) -> Layout:
 def _measure_on_rank(cfg: BenchConfig, layout: Layout, frames: int, h: int, w: int) -> dict[str, Any]:
     """Build, warm up at one frame, then measure one step at `frames` (this rank)."""
     import gc
+    import resource
 
     import torch
     import torch.distributed as dist
@@ -265,14 +270,17 @@ def _measure_on_rank(cfg: BenchConfig, layout: Layout, frames: int, h: int, w: i
         torch.cuda.synchronize()
     reset_peak_memory()  # CPU: malloc_trim + clear_refs, VmHWM := VmRSS
     baseline = current_memory_mb()
+    faults = resource.getrusage(resource.RUSAGE_SELF).ru_majflt
     start = time.perf_counter()
     step(frames)
     if torch.cuda.is_available():
         torch.cuda.synchronize()
     elapsed = time.perf_counter() - start
     step_peak = peak_memory_mb() - baseline
+    faults = resource.getrusage(resource.RUSAGE_SELF).ru_majflt - faults
     dist.barrier()
     return {"step_peak": step_peak * MB, "model_state": float(state_bytes()), "step_s": elapsed,
+            "major_faults": faults,
             "method": "cuda_max_allocated" if torch.cuda.is_available() else "cpu_vmhwm"}
 
 
@@ -345,7 +353,7 @@ def measure(cfg: BenchConfig, layout: Layout, frames: int, latent_hw: tuple[int,
         peak_mb_per_rank=peaks, step_peak_mb_per_rank=[r["step_peak"] / MB for r in ranks],
         model_state_mb_per_rank=[r["model_state"] / MB for r in ranks],
         step_s=max(r["step_s"] for r in ranks), estimate_mb=est, error=(est - peak) / peak,
-        method=ranks[0]["method"],
+        method=ranks[0]["method"], major_faults=max(r["major_faults"] for r in ranks),
     )
 
 
@@ -543,11 +551,16 @@ def run_bench(cfg: BenchConfig, search: SearchConfig, out: Path, budget: float,
                                         budget * MB, limit=search.max_frames)
 
             def peak_at(frames: int, layout: Layout = layout, hw: tuple[int, int] = hw) -> float:
-                m = measure(cfg, layout, frames, hw)
+                for _attempt in range(MEASURE_ATTEMPTS):  # again while pages were evicted
+                    m = measure(cfg, layout, frames, hw)
+                    if not m.major_faults:
+                        break
                 measurements.append(m)
                 print(f"  {layout.name:<18} {hw[0]}x{hw[1]} frames {frames:>3}: peak {m.peak_mb:8.1f} MiB "
                       f"(ranks {', '.join(f'{p:.1f}' for p in m.peak_mb_per_rank)}), estimate "
-                      f"{m.estimate_mb:8.1f} ({100 * m.error:+.1f}%), step {m.step_s:.2f} s", flush=True)
+                      f"{m.estimate_mb:8.1f} ({100 * m.error:+.1f}%), step {m.step_s:.2f} s"
+                      + (f"  UNRELIABLE: {m.major_faults} major page faults (the machine is short of memory)"
+                         if m.major_faults else ""), flush=True)
                 return m.peak_mb
 
             try:
