@@ -182,3 +182,26 @@ def test_motion_fidelity_colour_tracking_and_bounce():
     assert motion_fidelity(red, r, by="intensity") > 0.999
     assert motion_fidelity(red, r, by="colour") == 0.0
     assert set(COLOURS) >= {"red", "blue"}
+
+
+def test_miscaptioned_names_a_wrong_direction_in_about_the_given_share():
+    from videodpo.data.synthetic import miscaptioned
+
+    world = WorldConfig(height=8, width=8, num_frames=4, shape_size=4)
+    records = sample_records(world, 2000, seed=3)
+    captions = miscaptioned(records, 0.4, seed=3)
+    assert captions == miscaptioned(records, 0.4, seed=3)
+    direction_slot = 2
+    wrong = 0
+    for record, text in zip(records, captions):
+        named = tokenize_caption(text)
+        true = caption_tokens(record)
+        # only the direction may differ, and when it does it names another direction
+        assert named[:direction_slot] + named[direction_slot + 1:] == true[:direction_slot] + true[direction_slot + 1:]
+        if named != true:
+            wrong += 1
+            assert text != caption(record) and text.split()[4] in DIRECTIONS
+    assert abs(wrong / len(records) - 0.4) < 0.04
+    assert miscaptioned(records, 0.0, seed=3) == [caption(r) for r in records]
+    with pytest.raises(DataError, match="wrong_share"):
+        miscaptioned(records, 1.5, seed=3)

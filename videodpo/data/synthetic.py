@@ -13,7 +13,7 @@ Everything is deterministic by seed.
 from __future__ import annotations
 
 import random
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 
 import torch
@@ -271,3 +271,19 @@ def write_dataset(out_dir: str | Path, world: WorldConfig, num_clips: int, seed:
 def records_from_manifest(rows: list[dict]) -> list[ClipRecord]:
     """The synthetic records stored under "world" in manifest rows."""
     return [ClipRecord.from_dict(row["world"]) for row in rows]
+
+
+def miscaptioned(records: list[ClipRecord], wrong_share: float, seed: int) -> list[str]:
+    """Captions of `records` where a `wrong_share` of them (drawn by `seed`) name another
+    direction than the one the clip moves in: the noisy captions of a scraped dataset.
+    The clips themselves are untouched; render them from `records`."""
+    if not 0.0 <= wrong_share <= 1.0:
+        raise DataError(f"wrong_share must lie in [0, 1], got {wrong_share}")
+    rng = random.Random(f"miscaptioned/{seed}")
+    out = []
+    for record in records:
+        if rng.random() < wrong_share:
+            others = [d for d in DIRECTIONS if d != record.direction]
+            record = replace(record, direction=rng.choice(others))
+        out.append(caption(record))
+    return out
