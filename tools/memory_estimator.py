@@ -329,11 +329,12 @@ def estimate_peak(
     # counted in the phase that holds them.
     model_state = params * (3 * FP32 + precision.reference_bytes) / shards
     gradients = params * FP32 / shards
-    # Unsharded parameters of the root and of two blocks (current + prefetched), and one
-    # block's unsharded gradient before its reduce-scatter.
+    # Unsharded parameters of the root and of two blocks (current + prefetched; one in a
+    # one-block model), and one block's unsharded gradient before its reduce-scatter.
     fsdp_buffers = 0.0
     if shards > 1:
-        fsdp_buffers = (root_params(dims) + 2 * block_params(dims)) * cb + block_params(dims) * FP32
+        unsharded_blocks = min(2, dims.num_layers)
+        fsdp_buffers = (root_params(dims) + unsharded_blocks * block_params(dims)) * cb + block_params(dims) * FP32
 
     videos = layout.videos_per_rank
     tokens = frames * tokens_per_frame(dims, *latent_hw)  # of one video
