@@ -4,13 +4,23 @@ The loop reads top to bottom: build the adapter (policy), its reference (a froze
 or the policy with LoRA adapters disabled), parallelize from outside (FSDP2, context
 and pair parallelism, activation checkpointing), then for each optimizer step draw one
 shared timestep and noise per pair, compute the per-sample errors of policy and
-reference, the loss of `videodpo.losses.reg_dpo_loss`, backward, clip, step. A step
-with a non-finite loss or gradient is skipped and counted; too many abort the run.
-Checkpoints hold model, optimizer, LR schedule, data position and RNG, so `--resume`
+reference, the loss of `videodpo.losses.reg_dpo_loss`, backward, clip, step. With
+`train.grad_accum` > 1, FSDP2 reduce-scatters gradients only after the last
+micro-batch. A step with a non-finite loss or gradient is skipped and counted; too
+many abort the run. Checkpoints hold model, optimizer, LR schedule, data position
+(`videodpo.data.loader.PairLoader`: worker processes read ahead) and RNG, so `--resume`
 continues bit for bit. At the end the model is exported in diffusers format: LoRA
 weights that `pipe.load_lora_weights` reads, or a full `save_pretrained` directory.
 
-`build_training_step(cfg, adapter)` exposes one full optimizer step for benchmarks.
+Set-up is host-lean (`build_training_state`): from a model folder only the
+transformer and scheduler load when training reads a latent cache; under FSDP the
+policy and reference are built on the meta device and every rank reads only its shard
+of the safetensors weights.
+
+For benchmarks and tools: `build_training_state(cfg, adapter=None) -> TrainingState`
+and `build_training_step(cfg, adapter=None) -> (step_fn, state)`, where
+`step_fn(batch_or_list_of_micro_batches)` runs one full optimizer step and returns its
+metrics; `random_pair_batch(adapter, ...)` makes a batch of the right shapes.
 """
 
 from __future__ import annotations
