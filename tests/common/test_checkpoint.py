@@ -3,7 +3,9 @@
 import os
 import signal
 
+import pytest
 import torch
+import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from common.checkpoint import Checkpointer
@@ -150,8 +152,6 @@ def test_resume_falls_back_from_a_corrupt_latest_checkpoint(tmp_path, caplog):
 
 
 def test_resume_from_a_different_model_size_is_one_error_naming_each_checkpoint(tmp_path):
-    import pytest
-
     from common.checkpoint import CheckpointError
 
     model, opt, sched = make_state()
@@ -177,3 +177,31 @@ def test_resume_trims_metrics_logged_after_the_checkpoint(tmp_path):
     assert trim_metrics_log(tmp_path, 4) == 3
     kept = [json.loads(x)["step"] for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert kept == [1, 2, 3, 4]
+
+
+def _fallback_worker(rank, world, root):
+    from pathlib import Path
+
+    torch.manual_seed(0)
+    model, opt, sched = make_state(shard=True)
+    data = {"position": 0}
+    ck = Checkpointer(root)
+    train_steps(model, opt, sched, data, 1)
+    ck.save(1, model, opt, sched, extra=dict(data))
+    at_step_1 = full_state_dict(model)
+    train_steps(model, opt, sched, data, 1)
+    ck.save(2, model, opt, sched, extra=dict(data))
+    if rank == 1:  # only rank 1 cannot read its state of step 2
+        (Path(root) / "step_000000002" / "rank_00001.pt").write_bytes(b"cut")
+    dist.barrier()
+    model2, opt2, sched2 = make_state(seed=5, shard=True)
+    extra = {}
+    step = ck.load(model2, opt2, sched2, extra=extra)
+    restored = full_state_dict(model2)
+    return step, extra, all(torch.equal(at_step_1[k], restored[k]) for k in at_step_1)
+
+
+@pytest.mark.slow
+def test_resume_falls_back_on_every_rank_when_one_rank_cannot_read_its_state(tmp_path):
+    results = run_on_ranks(_fallback_worker, 2, str(tmp_path))
+    assert results == [(1, {"position": 1}, True), (1, {"position": 1}, True)]
