@@ -19,7 +19,8 @@ class ModelConfig:
 
 @dataclass
 class DataConfig:
-    LIMITS = {"num_frames": ">=0", "height": ">=0", "width": ">=0", "max_bad_row_fraction": "[0,1]"}
+    LIMITS = {"num_frames": ">=0", "height": ">=0", "width": ">=0", "max_bad_row_fraction": "[0,1]",
+              "num_workers": ">=0", "prefetch_factor": ">=1"}
     manifest: str = ""  # GT-Pair manifest (JSONL/CSV) with chosen / rejected clips
     latent_cache: str = ""  # or a latent cache made by `videodpo precompute`
     num_frames: int = 0  # 0: as stored
