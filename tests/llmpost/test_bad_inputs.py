@@ -105,6 +105,7 @@ def sweep(tmp_path_factory):
                                        "data": {"sns_train": ["x.jsonl"]}}))
     cases["resume_with_changed_config"] = (["run", "--config", str(changed)], "would resume")
     before = saved.read_bytes()
+    cases["help"] = (["run", "--help"], "--set")
     results = run_cli_cases("llmpost.cli", {k: [str(a) for a in v[0]] for k, v in cases.items()}, root)
     results["resume_with_changed_config"]["config_unchanged"] = saved.read_bytes() == before
     return results, {k: v[1] for k, v in cases.items()}
@@ -148,3 +149,14 @@ def test_changed_config_resume_refuses_lists_keys_and_keeps_config_yaml(sweep):
         assert key in err, err
     assert "--resume-force" in err
     assert result["config_unchanged"]
+
+
+def test_set_help_example_names_a_real_key(sweep):
+    import re
+
+    from common.config import load_config
+    from llmpost.config import PipelineConfig
+
+    help_text = " ".join(sweep[0]["help"]["stdout"].split())
+    example = re.search(r"e\.g\. --set (\S+?);", help_text).group(1)
+    load_config(PipelineConfig, None, [example])  # raises ConfigError on an unknown key

@@ -64,6 +64,7 @@ def sweep(tmp_path_factory):
             train(f"out_dir={run_dir}", "train.steps=20", "train.batch_size=4") + ["--resume"],
             "resuming with a different config"),
     }
+    cases["help"] = (["train", "--help"], "--set")
     results = run_cli_cases("videodpo.cli", {k: v[0] for k, v in cases.items()}, root)
     results["resume_with_changed_config"]["config_unchanged"] = saved.read_bytes() == before
     return results, {k: v[1] for k, v in cases.items()}
@@ -116,3 +117,14 @@ def test_csv_manifest_with_a_bom_passes_check_data_parsing(tmp_path):
     # the BOM did not hide the first column: the problem found is the missing file itself
     assert [(p.field, p.message) for p in report.problems] == [("video", "file not found")]
     assert report.kind == "clip"
+
+
+def test_set_help_example_names_a_real_key(sweep):
+    import re
+
+    from common.config import load_config
+    from videodpo.config import RunConfig
+
+    help_text = " ".join(sweep[0]["help"]["stdout"].split())
+    example = re.search(r"e\.g\. --set (\S+?);", help_text).group(1)
+    load_config(RunConfig, None, [example])  # raises ConfigError on an unknown key
