@@ -255,6 +255,19 @@ def _run_capped(cmd: list[str], stdin: str, limits: SandboxLimits, cwd: str | No
 
 _PROBED: dict[tuple[str, bool], tuple[str | None, float]] = {}  # (bwrap, root) -> (reason, seconds)
 _PROBE_LOCK = threading.Lock()
+# Hardening that older bwrap releases lack (0.8.0 added --disable-userns): used where known.
+OPTIONAL_FLAGS = ("--disable-userns",)
+_SUPPORTED: dict[str, tuple[str, ...]] = {}
+
+
+def _supported_flags(bwrap: str) -> tuple[str, ...]:
+    if bwrap not in _SUPPORTED:
+        try:
+            text = subprocess.run([bwrap, "--help"], capture_output=True, text=True, timeout=10).stdout
+        except (OSError, subprocess.TimeoutExpired):
+            text = ""
+        _SUPPORTED[bwrap] = tuple(f for f in OPTIONAL_FLAGS if f in text)
+    return _SUPPORTED[bwrap]
 
 
 class CodeSandbox:
@@ -358,7 +371,7 @@ class CodeSandbox:
             cmd = [
                 bwrap, "--unshare-user", "--unshare-pid", "--unshare-net", "--unshare-ipc",
                 "--unshare-uts", "--unshare-cgroup-try", "--hostname", "sandbox",
-                "--die-with-parent", "--as-pid-1", "--new-session", "--disable-userns", "--clearenv",
+                "--die-with-parent", "--as-pid-1", "--new-session", *_supported_flags(bwrap), "--clearenv",
                 "--setenv", "PATH", "/usr/bin:/bin", "--setenv", "HOME", "/tmp",
                 *_system_binds(), *self._python_binds,
                 "--proc", "/proc", "--dev", "/dev",
