@@ -3,17 +3,19 @@
 Each run gets new PID, network, IPC, UTS and user namespaces (`bwrap`), dies with its
 parent, sees a read-only `/usr` and the interpreter, an empty private `/tmp` (its only
 writable place, size-capped) and nothing else: no `/etc`, no home, no run directory, no
-other process. The environment is empty. Inside, before the code runs, rlimits cap CPU
+other process. The environment is cleared (only PATH and HOME=/tmp are set). Inside, before the code runs, rlimits cap CPU
 time, address space, processes, file size and open files; as root the run also drops to
 an unprivileged uid of its own (root ignores the process limit). Stdout and stderr are
 read as they come, up to `max_output_bytes` each: past that the run is killed and its
-output cut. On timeout the whole process group is killed, and with it bwrap's init, which
-takes every process of the PID namespace along.
+output cut. The program is PID 1 of its namespace (`--as-pid-1`): when it exits, or is
+killed on timeout, the kernel kills every process it left behind, detached or not; then
+the process group goes too.
 
 `CodeSandbox.run_many` spreads runs over a small thread pool (one uid per slot), so one
 slow program does not stall a rollout. Where `bwrap` is missing or cannot create
 namespaces, `CodeSandbox.check()` raises `SandboxUnavailable` saying how to install it;
 only `allow_unsandboxed=True` runs code without isolation (rlimits and timeouts only).
+Memory is capped per process: a run can hold at most `max_processes * memory_mb`.
 """
 
 from __future__ import annotations
