@@ -443,9 +443,12 @@ def export_model(state: TrainingState, out_dir: Path) -> Path:
 
 
 # Settings that change what a checkpoint means: a resume with other values stops.
-RESUME_KEYS = ("model", "loss", "lora", "optim", "parallel", "train.steps", "train.batch_size",
-               "train.grad_accum", "train.seed", "data.manifest", "data.latent_cache",
-               "data.num_frames", "data.height", "data.width")
+# (Memory knobs such as activation checkpointing or offloading may change.)
+RESUME_KEYS = ("model.path", "model.dtype", "model.flow_shift", "loss", "lora", "optim",
+               "parallel.dp_shard", "parallel.cp", "parallel.cp_mode", "parallel.pair", "parallel.fsdp",
+               "parallel.param_dtype", "train.steps", "train.batch_size", "train.grad_accum",
+               "train.seed", "data.manifest", "data.latent_cache", "data.num_frames", "data.height",
+               "data.width")
 
 
 def train(
