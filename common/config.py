@@ -297,10 +297,10 @@ def resume_mismatch(cfg: Any, saved: str | Path, keys: Sequence[str]) -> list[st
     def relevant(key: str) -> bool:
         return any(key == k or key.startswith(k + ".") for k in wanted)
 
-    missing = object()
-    return [f"{key}: {before.get(key, '<absent>')!r} -> {now.get(key, '<absent>')!r}"
-            for key in sorted({k for k in (*before, *now) if relevant(k)})
-            if before.get(key, missing) != now.get(key, missing)]
+    # A key on one side only came with a newer (or older) version of the code: not compared.
+    return [f"{key}: {before[key]!r} -> {now[key]!r}"
+            for key in sorted(k for k in before.keys() & now.keys() if relevant(k))
+            if before[key] != now[key]]
 
 
 def check_resume_config(cfg: Any, run_dir: str | Path, keys: Sequence[str], force: bool) -> None:

@@ -150,3 +150,11 @@ def test_run_dir_that_is_a_file_is_refused(tmp_path):
         check_run_dir(Run(), f, "out_dir")
     with pytest.raises(ConfigError, match="is a file"):
         save_config(Run(), f)
+
+
+def test_resume_mismatch_skips_keys_a_saved_config_does_not_have(tmp_path):
+    from common.config import resume_mismatch
+
+    saved = write(tmp_path, "optim:\n  lr: 0.5\n")  # written before `steps` existed
+    now = load_config(Run, None, ["optim.lr=0.5", "steps=20"])
+    assert resume_mismatch(now, saved, ["optim", "steps"]) == []
