@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -113,11 +114,15 @@ def project_worker(assets: Path, backend: str, workload: dict, steps: int, resul
                                     backend=backend, batch_size=n_seq),
     )
     stage = result.parent / f"{result.stem}-stage"
+    shutil.rmtree(stage, ignore_errors=True)  # a fresh stage, never a resumed one
+    cpu_marks = [time.process_time()]  # step ends: CPU time of this process (all its threads)
     train_dapo(model, tokenizer, load_records(assets), [], cfg, default_registry(), stage,
-               seed=0, model_path=model_dir)
+               seed=0, model_path=model_dir,
+               on_step=lambda step, metrics: cpu_marks.append(time.process_time()))
     rows = [json.loads(x) for x in (stage / "metrics.jsonl").read_text().splitlines()]
     result.write_text(json.dumps({
         "step_s": [r["step_time_s"] for r in rows],
+        "cpu_s": [b - a for a, b in zip(cpu_marks, cpu_marks[1:])],
         "tokens": [r["tokens_per_s"] * r["step_time_s"] for r in rows],
     }))
 
@@ -148,13 +153,15 @@ def trl_worker(assets: Path, workload: dict, steps: int, result: Path) -> None:
     class StepTimer(TrainerCallback):
         def __init__(self) -> None:
             self.step_s: list[float] = []
+            self.cpu_s: list[float] = []
             self.lengths: list[float] = []
 
         def on_step_begin(self, args, state, control, **kwargs):
-            self.t0 = time.perf_counter()
+            self.t0, self.c0 = time.perf_counter(), time.process_time()
 
         def on_step_end(self, args, state, control, **kwargs):
             self.step_s.append(time.perf_counter() - self.t0)
+            self.cpu_s.append(time.process_time() - self.c0)
 
         def on_log(self, args, state, control, logs=None, **kwargs):
             if logs and "completions/mean_length" in logs:
@@ -179,7 +186,8 @@ def trl_worker(assets: Path, workload: dict, steps: int, result: Path) -> None:
     trainer.train()
     lengths = timer.lengths + [timer.lengths[-1]] * (len(timer.step_s) - len(timer.lengths))
     result.write_text(json.dumps({
-        "step_s": timer.step_s, "tokens": [n_seq * m for m in lengths[: len(timer.step_s)]],
+        "step_s": timer.step_s, "cpu_s": timer.cpu_s,
+        "tokens": [n_seq * m for m in lengths[: len(timer.step_s)]],
     }))
 
 
@@ -220,13 +228,19 @@ def run_worker(python: Path, system: str, assets: Path, workload: str, steps: in
 
 
 def summarize(runs: list[dict], warmup: int) -> dict:
+    """Medians after warm-up. Wall-clock figures, and the same from the process's CPU time
+    (one thread: equal to wall time on an idle machine, and much less disturbed by other
+    processes on a shared one)."""
     step_s = [t for r in runs for t in r["step_s"][warmup:]]
+    cpu_s = [t for r in runs for t in r["cpu_s"][warmup:]]
     tokens = [n for r in runs for n in r["tokens"][warmup:]]
-    median = statistics.median(step_s)
+    median, median_cpu = statistics.median(step_s), statistics.median(cpu_s)
     return {
         "steps_measured": len(step_s), "median_step_s": median, "steps_per_s": 1.0 / median,
         "tokens_per_s": statistics.median([n / t for n, t in zip(tokens, step_s)]),
-        "step_s": step_s,
+        "median_cpu_s": median_cpu, "steps_per_cpu_s": 1.0 / median_cpu,
+        "tokens_per_cpu_s": statistics.median([n / t for n, t in zip(tokens, cpu_s)]),
+        "step_s": step_s, "cpu_s": cpu_s,
     }
 
 
@@ -270,6 +284,7 @@ def main(argv: list[str] | None = None) -> int:
             "long": ([s for s in systems if s != "trl"], 1 if args.quick else 2,
                      5 if args.quick else 10, 1)}
     results: dict = {"workloads": WORKLOADS, "group_size": GROUP, "threads": 1,
+                     "cpus": os.cpu_count(), "load_average_start": os.getloadavg(),
                      "differences": DIFFERENCES, "runs": {}}
     for workload, (names, n_rounds, n_steps, warmup) in plan.items():
         runs: dict[str, list[dict]] = {s: [] for s in names}
@@ -287,12 +302,15 @@ def main(argv: list[str] | None = None) -> int:
     quick = results["runs"]["quick"]
     results["steps_per_s"] = {s: v["steps_per_s"] for s, v in quick.items()}
     results["tokens_per_s"] = {s: v["tokens_per_s"] for s, v in quick.items()}
-    if "hf" in quick and "trl" in quick:
-        results["ratio_vs_trl"] = quick["hf"]["steps_per_s"] / quick["trl"]["steps_per_s"]
-    if "hf" in quick and "vllm" in quick:
-        results["vllm_vs_hf_tokens"] = {
-            w: results["runs"][w]["vllm"]["tokens_per_s"] / results["runs"][w]["hf"]["tokens_per_s"]
-            for w in ("quick", "long") if {"hf", "vllm"} <= set(results["runs"][w])}
+    results["load_average_end"] = os.getloadavg()
+    for suffix in ("", "_cpu"):  # wall clock, then CPU time
+        per = "per_s" if not suffix else "per_cpu_s"
+        if "hf" in quick and "trl" in quick:
+            results[f"ratio_vs_trl{suffix}"] = quick["hf"][f"steps_{per}"] / quick["trl"][f"steps_{per}"]
+        if "hf" in quick and "vllm" in quick:
+            results[f"vllm_vs_hf_tokens{suffix}"] = {
+                w: results["runs"][w]["vllm"][f"tokens_{per}"] / results["runs"][w]["hf"][f"tokens_{per}"]
+                for w in ("quick", "long") if {"hf", "vllm"} <= set(results["runs"][w])}
     (out / "results.json").write_text(json.dumps(results, indent=2))
     print(format_table(results))
     print(f"results: {out / 'results.json'}")
@@ -300,17 +318,22 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def format_table(results: dict) -> str:
-    lines = [f"{'workload':9s}{'system':8s}{'steps':>7s}{'median s/step':>15s}{'steps/s':>9s}"
-             f"{'tokens/s':>10s}"]
+    lines = [f"{'workload':9s}{'system':8s}{'steps':>6s}{'wall s/step':>12s}{'steps/s':>8s}"
+             f"{'tokens/s':>9s}{'CPU s/step':>11s}{'steps/CPU s':>12s}{'tokens/CPU s':>13s}"]
     for workload, systems in results["runs"].items():
         for system, v in systems.items():
-            lines.append(f"{workload:9s}{system:8s}{v['steps_measured']:>7d}"
-                         f"{v['median_step_s']:>15.3f}{v['steps_per_s']:>9.2f}"
-                         f"{v['tokens_per_s']:>10.0f}")
-    if "ratio_vs_trl" in results:
-        lines.append(f"ratio_vs_trl (project HF steps/s / TRL steps/s): {results['ratio_vs_trl']:.2f}")
-    for w, x in results.get("vllm_vs_hf_tokens", {}).items():
-        lines.append(f"vllm_vs_hf_tokens ({w}): {x:.2f}")
+            lines.append(f"{workload:9s}{system:8s}{v['steps_measured']:>6d}"
+                         f"{v['median_step_s']:>12.3f}{v['steps_per_s']:>8.2f}"
+                         f"{v['tokens_per_s']:>9.0f}{v['median_cpu_s']:>11.3f}"
+                         f"{v['steps_per_cpu_s']:>12.2f}{v['tokens_per_cpu_s']:>13.0f}")
+    for suffix, label in (("", "wall"), ("_cpu", "CPU time")):
+        if f"ratio_vs_trl{suffix}" in results:
+            lines.append(f"ratio_vs_trl ({label}; project HF steps/s / TRL steps/s): "
+                         f"{results[f'ratio_vs_trl{suffix}']:.2f}")
+        for w, x in results.get(f"vllm_vs_hf_tokens{suffix}", {}).items():
+            lines.append(f"vllm_vs_hf_tokens ({label}, {w}): {x:.2f}")
+    lines.append(f"load average at start / end: {results['load_average_start'][0]:.1f} / "
+                 f"{results['load_average_end'][0]:.1f} on {results['cpus']} CPUs")
     return "\n".join(lines)
 
 
