@@ -111,6 +111,7 @@ class EvalConfig:
 
 @dataclass
 class RewardsConfig:
+    LIMITS = {"code_workers": ">=1"}
     # The code reward runs policy code in a bubblewrap sandbox; true runs it without one
     # where bwrap is missing (a warning each stage). Never on a shared machine.
     allow_unsandboxed_code: bool = False

@@ -41,6 +41,7 @@ class LossConfig:
 
 @dataclass
 class LoraConfig:
+    LIMITS = {"rank": ">=1", "alpha": ">0", "dropout": "[0,1)"}
     enabled: bool = False
     rank: int = 16
     alpha: int = 16
@@ -79,6 +80,7 @@ class TrainConfig:
 
 @dataclass
 class ParallelConfig:
+    LIMITS = {"dp_shard": ">=-1", "cp": ">=1", "pair": "[1,2]", "activation_checkpointing": ">=0"}
     dp_shard: int = -1  # FSDP degree; -1: what pair and cp leave
     cp: int = 1
     cp_mode: str = "ulysses"  # ulysses | ring
@@ -91,6 +93,8 @@ class ParallelConfig:
 
 @dataclass
 class ValidationConfig:
+    LIMITS = {"every": ">=0", "num_frames": ">=1", "height": ">=1", "width": ">=1",
+              "num_steps": ">=1", "max_pairs": ">=0"}
     every: int = 0  # steps between validations; 0: off
     prompts: list[str] = field(default_factory=list)
     first_frames: list[str] = field(default_factory=list)  # images or clips, I2V
