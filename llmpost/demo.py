@@ -389,24 +389,28 @@ def run_demo(demo: DemoConfig, num_seeds: int = 1) -> dict[str, Any]:
         n_train_half=demo.n_train // 2, n_eval_per_task=demo.n_eval), indent=2))
     first = out / f"seed_{demo.seed}"
     cap = json.loads((first / "pipeline" / "stage1" / "capability_map.json").read_text())
-    print(f"\nRedOne 2.0 pipeline on synthetic SNS tasks, seed {demo.seed} per task (greedy scores, "
-          f"{demo.n_eval} eval rows per task; full data {demo.n_train} training rows per task)\n")
-    print(format_table(per_seed[0]))
-    print(f"\nweak tasks after stage 1 (capability map): {', '.join(cap['weak']) or 'none'}")
-    print(f"\nall arms, mean ± std over {num_seeds} seed(s); OOD = prompt wording never in training; "
-          f"half data = {demo.n_train // 2} rows per task\n")
-    print(table)
+    lines: list[str] = []
+    lines.append(f"\nRedOne 2.0 pipeline on synthetic SNS tasks, seed {demo.seed} per task (greedy scores, "
+                 f"{demo.n_eval} eval rows per task; full data {demo.n_train} training rows per task)\n")
+    lines.append(format_table(per_seed[0]))
+    lines.append(f"\nweak tasks after stage 1 (capability map): {', '.join(cap['weak']) or 'none'}")
+    lines.append(f"\nall arms, mean ± std over {num_seeds} seed(s); OOD = prompt wording never in training; "
+                 f"half data = {demo.n_train // 2} rows per task\n")
+    lines.append(table)
     r = demo.stage1.prompts_per_step
-    print(f"\nbudgets (equal compute is stated, not forced): pipeline = {demo.stage1.steps} + {demo.stage3.steps} "
-          f"DAPO steps of {r} prompts x {demo.stage1.group_size} samples and {demo.stage2.steps} SFT steps "
-          f"of {demo.stage2.batch_size} rows; SFT baselines = {demo.baseline_sft_steps} SFT steps of "
-          f"{demo.stage2.batch_size} rows; SFT -> RL = {demo.stage2.steps} SFT + "
-          f"{demo.stage1.steps + demo.stage3.steps} DAPO steps. 'rows consumed' counts SFT rows and DAPO "
-          "prompts drawn (every sampling round); 'wall s' is each arm's training and evaluation time.")
-    print("\nclaims:\n" + format_claims(claims))
-    print(f"\nplots: {first / 'averages.png'}, {first / 'dapo_accuracy.png'}; capability map: "
-          f"{first / 'pipeline' / 'stage1' / 'capability_map.png'}")
-    print(f"demo wall time {elapsed:.0f} s")
+    lines.append(f"\nbudgets (equal compute is stated, not forced): pipeline = {demo.stage1.steps} + {demo.stage3.steps} "
+                 f"DAPO steps of {r} prompts x {demo.stage1.group_size} samples and {demo.stage2.steps} SFT steps "
+                 f"of {demo.stage2.batch_size} rows; SFT baselines = {demo.baseline_sft_steps} SFT steps of "
+                 f"{demo.stage2.batch_size} rows; SFT -> RL = {demo.stage2.steps} SFT + "
+                 f"{demo.stage1.steps + demo.stage3.steps} DAPO steps. 'rows consumed' counts SFT rows and DAPO "
+                 "prompts drawn (every sampling round); 'wall s' is each arm's training and evaluation time.")
+    lines.append("\nclaims:\n" + format_claims(claims))
+    lines.append(f"\nplots: {first / 'averages.png'}, {first / 'dapo_accuracy.png'}; capability map: "
+                 f"{first / 'pipeline' / 'stage1' / 'capability_map.png'}")
+    lines.append(f"demo wall time {elapsed:.0f} s")
+    report = "\n".join(lines)
+    print(report)
+    (out / "report.txt").write_text(report + "\n")
     return {"arms": summary, "claims": claims, "per_seed": per_seed, "wall_time_s": elapsed}
 
 

@@ -155,8 +155,15 @@ def train_base(out: Path, demo: DemoConfig, clips: torch.Tensor, captions: list[
 
 
 def run_seed(out: Path, demo: DemoConfig) -> dict[str, dict[str, float]]:
-    """One seed: base (cached), pairs, the four arms and their measurements under `out`."""
+    """One seed: base (cached), pairs, the four arms and their measurements under `out`.
+    A seed finished with the same settings is read back from its `rows.json`."""
     out.mkdir(parents=True, exist_ok=True)
+    done = out / "rows.json"
+    if done.exists():
+        saved = json.loads(done.read_text())
+        if saved["config"] == _plain(asdict(demo)):
+            logger.info("seed %d: reusing the finished run in %s", demo.seed, out)
+            return saved["rows"]
     start = time.perf_counter()
     world = demo.world
     n_base, n_pair, n_held = demo.num_base_clips, demo.num_pair_clips, demo.num_heldout_clips
@@ -267,12 +274,14 @@ def run_demo(out_dir: str | Path, demo: DemoConfig | None = None, num_seeds: int
     summary = summarize_seeds(per_seed)
     claims = claims_of(summary)
     table = format_table(summary)
-    print(f"\nReg-DPO demo: {num_seeds} seed(s), mean ± std over seeds; base trained on captions "
-          f"{demo.wrong_caption_share:.0%} of which name a wrong direction; every arm {demo.tune_steps} "
-          f"steps of {demo.pair_batch_size} pairs at lr {demo.tune_lr:g}\n")
-    print(table)
-    print("\nclaims:\n" + format_claims(claims))
-    print(f"wall time {elapsed:.0f} s for {num_seeds} seed(s)")
+    report = "\n".join([
+        f"Reg-DPO demo: {num_seeds} seed(s), mean ± std over seeds; base trained on captions "
+        f"{demo.wrong_caption_share:.0%} of which name a wrong direction; every arm {demo.tune_steps} "
+        f"steps of {demo.pair_batch_size} pairs at lr {demo.tune_lr:g}", "", table, "",
+        "claims (motion fidelity of sampled held-out clips unless named):", format_claims(claims),
+        f"wall time {elapsed:.0f} s for {num_seeds} seed(s); contact sheets: {out}/seed_*/contact_sheets/"])
+    print("\n" + report)
+    (out / "report.txt").write_text(report + "\n")
     (out / "table.md").write_text(table + "\n")
     payload = results_payload(summary, claims, n_seeds=num_seeds, wall_time_s=elapsed,
                               config=_plain(asdict(demo)))
@@ -352,6 +361,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--tune-steps", type=int, default=None, help="steps of each tuning method")
     parser.add_argument("--task", choices=("t2v", "i2v"), default=None, help="base model task")
     parser.add_argument("--seeds", type=int, default=1, help="seeds to run every arm for (mean ± std)")
+    parser.add_argument("--seed", type=int, default=None, help="first seed (default 0)")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -362,6 +372,8 @@ def run(args: argparse.Namespace) -> int:
         demo = replace(demo, tune_steps=args.tune_steps)
     if args.task is not None:
         demo = replace(demo, task=args.task)
+    if args.seed is not None:
+        demo = replace(demo, seed=args.seed)
     if args.seeds < 1:
         raise ConfigError(f"--seeds: at least 1 expected, got {args.seeds}")
     run_demo(args.out, demo, args.seeds)

@@ -87,6 +87,10 @@ def test_every_arm_runs_for_every_seed_and_results_hold_the_spread_and_claims(tm
     assert train_base(tmp_path / "seed_0" / "base", demo, clips, []) == tmp_path / "seed_0" / "base" / "final"
     with pytest.raises(AssertionError, match="trained again"):
         train_base(tmp_path / "seed_0" / "base", replace(demo, base_steps=5), clips, [])
+    # and a finished seed is read back, not run again
+    again = demo_module.run_seed(tmp_path / "seed_0", demo)
+    assert {arm: again[arm]["motion_fidelity"] for arm in METHODS} == {
+        arm: result["per_seed"][0][arm]["motion_fidelity"] for arm in METHODS}
 
 
 def test_annotated_pairs_prefer_the_generation_the_scorer_ranks_higher():
