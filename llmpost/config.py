@@ -73,6 +73,11 @@ class DapoConfig:
     hard_probe_per_task: int = 64
     save_every: int = 10
     generation: GenerationConfig = field(default_factory=GenerationConfig)
+    # mix: general prompts join the rollout pool; projector: rollouts on the target only,
+    # general references regularize the update (llmpost.dapo_regularized)
+    general_mode: str = "mix"
+    projector: RegularizerConfig = field(default_factory=lambda: RegularizerConfig(
+        feasible="subset", granularity="layer", fraction=0.5, n_general=8, path="ghost"))
 
 
 @dataclass

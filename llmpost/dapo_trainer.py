@@ -33,6 +33,7 @@ from llmpost.dapo import (
     policy_loss,
     tis_weights,
 )
+from llmpost.dapo_regularized import build_dapo_regularizer, general_batch, projector_update
 from llmpost.data import TaskRecord, encode_prompt, mix
 from llmpost.logprobs import response_logprobs
 from llmpost.policy import any_rank, global_sum, rank_and_world, start_stage
@@ -212,6 +213,7 @@ def train_dapo(
     rank, world = rank_and_world()
     run = start_stage(model, cfg.lr, cfg.weight_decay, stage_dir, seed)
     optimizer, start = run.optimizer, run.start
+    regularizer = build_dapo_regularizer(model, cfg, general, start)
     scorer = HFRollout(model, tokenizer, cfg.generation)
     ref_scorer = HFRollout(reference, tokenizer, cfg.generation) if cfg.kl_coef else None
     own_engine = use_engine and engine is None
@@ -233,7 +235,8 @@ def train_dapo(
 
         def sample_round(round_index: int, step: int = step) -> list[SampledGroup]:
             rng = random.Random(f"{seed}/dapo/{step}/{round_index}/{rank}")
-            records = mix(target, general, groups_per_rank, cfg.general_fraction, rng)
+            records = mix(target, general, groups_per_rank,
+                          0.0 if regularizer is not None else cfg.general_fraction, rng)
             prompts = []
             for r in records:
                 if r.id not in prompt_cache:
@@ -289,7 +292,13 @@ def train_dapo(
             engine_logprobs=([lp for g in kept for lp in g.data["engine_logprobs"]]
                              if cfg.tis_cap is not None else None),
         )
-        if any_rank(len(batch) > 0):
+        if any_rank(len(batch) > 0) and regularizer is not None:
+            update = projector_update(
+                model, optimizer, regularizer, batch, cfg, tokenizer.pad_token_id,
+                lambda i, step=step: general_batch(
+                    tokenizer, general, cfg.projector.n_general,
+                    random.Random(f"{seed}/dapo-general/{step}/{i}"), chat_kwargs))
+        elif any_rank(len(batch) > 0):
             update = dapo_update(model, optimizer, batch, cfg, tokenizer.pad_token_id)
         else:
             logger.warning("DAPO step %d: no informative group on any rank; update skipped", step)
@@ -297,6 +306,7 @@ def train_dapo(
 
         metrics = _step_metrics(seen, kept, batch, update, cfg.group_size)
         metrics.update(sampling)
+        metrics.update({k: v for k, v in update.items() if k.startswith("projector/")})
         if use_engine:
             metrics.update(_mismatch_metrics(seen))
         metrics.update(step_time_s=time.perf_counter() - t0,

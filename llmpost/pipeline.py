@@ -199,8 +199,9 @@ def run_stage(cfg: PipelineConfig, stage: int, registry: RewardRegistry | None =
     logger.info("stage %d: %s from %s", stage, STAGE_NAMES[stage], previous)
     tokenizer = load_tokenizer(previous)
     model = build_policy(cfg.model, tokenizer, previous)
-    if stage == 2 and cfg.stage2.general_mode == "projector":
-        untie_embeddings(model)
+    stage_cfg = {1: cfg.stage1, 2: cfg.stage2, 3: cfg.stage3}.get(stage, cfg.stage2)
+    if stage_cfg.general_mode == "projector":
+        untie_embeddings(model)  # the regularizer's ghost path refuses tied weights
     model = shard_policy(model, cfg.model)
     seed = cfg.seed * 1000 + stage
     chat = cfg.data.chat_kwargs
