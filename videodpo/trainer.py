@@ -184,6 +184,9 @@ def validate_config(cfg: RunConfig) -> None:
         raise ConfigError(f"train.mixed_precision must be 'no' or 'bf16', got {cfg.train.mixed_precision!r}")
     if cfg.train.grad_accum < 1 or cfg.train.batch_size < 1:
         raise ConfigError("train.grad_accum and train.batch_size must be >= 1")
+    from videodpo.regularized_step import check_regularizer
+
+    check_regularizer(cfg)
 
 
 def build_training_state(cfg: RunConfig, adapter: VideoModelAdapter | None = None) -> TrainingState:
@@ -192,10 +195,11 @@ def build_training_state(cfg: RunConfig, adapter: VideoModelAdapter | None = Non
     With `adapter` None the model comes from `cfg.model.path`, loading only what the run
     needs: no VAE or encoder when training reads `data.latent_cache` (they load on
     first use, e.g. for validation clips); encoders go to the training device
-    (`model.offload_encoders` keeps them on the CPU between uses). Under FSDP the
-    policy and the frozen reference are built on the meta device, sharded, and each
-    rank then reads from the transformer's safetensors files only the rows it keeps
-    (`common.fsdp.load_weights`); no rank holds a full copy. A given in-memory
+    (`model.offload_encoders` keeps them on the CPU between uses). The policy and the
+    frozen reference are built on the meta device; under FSDP they are sharded first and
+    each rank then reads from the transformer's safetensors files only the rows it keeps
+    (`common.fsdp.load_weights`), so no rank holds a full copy; without FSDP they are
+    allocated on the training device and filled a tensor at a time. A given in-memory
     `adapter` (tests, the demo, benchmarks) is sharded from memory, and its reference is
     filled from its tensors the same way, never `deepcopy`-ed. With LoRA the reference
     is the policy with adapters disabled, and the LoRA weights start from
@@ -210,8 +214,7 @@ def build_training_state(cfg: RunConfig, adapter: VideoModelAdapter | None = Non
         if not cfg.model.path:
             raise ConfigError("model.path: set it to a local diffusers model directory")
         adapter = load_adapter(cfg.model.path, dtype=to_dtype(cfg.model.dtype), flow_shift=cfg.model.flow_shift,
-                               transformer_weights=not layout.sharded(cfg.parallel),
-                               encoders=not cfg.data.latent_cache)
+                               transformer_weights=False, encoders=not cfg.data.latent_cache)
         weights: Any = SafetensorsWeights(Path(cfg.model.path) / "transformer")
     else:
         weights = StateDictWeights(dict(adapter.transformer.state_dict()))
@@ -448,7 +451,7 @@ RESUME_KEYS = ("model.path", "model.dtype", "model.flow_shift", "loss", "lora", 
                "parallel.dp_shard", "parallel.cp", "parallel.cp_mode", "parallel.pair", "parallel.fsdp",
                "parallel.param_dtype", "train.steps", "train.batch_size", "train.grad_accum",
                "train.seed", "data.manifest", "data.latent_cache", "data.num_frames", "data.height",
-               "data.width")
+               "data.width", "regularizer")
 
 
 def train(
@@ -459,10 +462,12 @@ def train(
     stop_after: int | None = None,
     validator: Callable[[TrainingState], dict[str, float]] | None = None,
     resume_force: bool = False,
+    general_clips: Any = None,
 ) -> TrainResult:
     """Train as `cfg` says. `dataset` / `adapter` replace the ones `cfg` names (the demo
     passes in-memory ones); `stop_after` ends the process early as a kill would, after
-    that step's checkpoint."""
+    that step's checkpoint. `general_clips` (a `videodpo.regularized_step.GeneralClips`)
+    replaces the general clips `regularizer` names."""
     from common.checkpoint import Checkpointer, trim_metrics_log
     from common.metrics import MetricsLogger, progress
 
@@ -471,6 +476,15 @@ def train(
     check_run_dir(cfg, out_dir, "out_dir", RESUME_KEYS if resume else None, resume_force)
     state = build_training_state(cfg, adapter)
     layout = state.layout
+    from videodpo.regularized_step import (
+        GeneralClips,
+        build_video_regularizer,
+        general_training_step,
+    )
+
+    if cfg.regularizer.mode != "off" and general_clips is None:
+        general_clips = GeneralClips.open(cfg, state.adapter)
+    regularizer = build_video_regularizer(state)
     dataset = open_training_data(cfg, state.adapter) if dataset is None else dataset
     if cfg.train.batch_size * layout.dp_size > len(dataset):
         logger.warning("train.batch_size %d on %d data-parallel ranks is more than the %d pairs of the data; "
@@ -503,7 +517,10 @@ def train(
     bar.update(state.step)
     while state.step < cfg.train.steps:
         batches = [loader.next_batch() for _ in range(cfg.train.grad_accum)]
-        metrics = training_step(state, batches)
+        if cfg.regularizer.mode != "off":
+            metrics = general_training_step(state, batches, general_clips, regularizer)
+        else:
+            metrics = training_step(state, batches)
         metrics["skipped_rows"] = float(loader.skipped_rows)
         if state.step % cfg.train.log_every == 0 or state.step == cfg.train.steps:
             metrics_log.log(state.step, metrics)

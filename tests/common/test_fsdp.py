@@ -142,7 +142,7 @@ def _load_sharded(rank, world, folder):
     missing = load_weights(model, weights)
     local_bytes = sum(p.to_local().numel() * p.element_size() for p in model.parameters())
     loss = tiny.wan_loss(model, *tiny.wan_batch(2)).item()
-    return missing, full_state_dict(model), local_bytes, loss, len(weights._handles)
+    return missing, full_state_dict(model), local_bytes, loss, len({e[0] for e in weights.entries.values()})
 
 
 @pytest.mark.slow  # two spawned processes importing diffusers
@@ -160,3 +160,18 @@ def test_meta_skeleton_filled_from_sharded_safetensors_on_two_ranks(tmp_path):
         assert abs(loss - expect_loss) <= 1e-5 * abs(expect_loss)
         for name, value in expect.items():
             assert torch.equal(params[name], value), name
+
+
+def test_safetensors_rows_equal_the_saved_slices(tmp_path):
+    from safetensors.torch import save_file
+
+    from common.fsdp import SafetensorsWeights
+
+    tensors = {"w": torch.randn(5, 3, 2).bfloat16(), "s": torch.tensor(2.5), "i": torch.arange(7),
+               "empty": torch.zeros(0, 4)}
+    save_file(tensors, str(tmp_path / "model.safetensors"))
+    weights = SafetensorsWeights(tmp_path)
+    assert torch.equal(weights.rows("w", 1, 4), tensors["w"][1:4]) and weights.rows("w", 1, 4).dtype == torch.bfloat16
+    assert torch.equal(weights.rows("w"), tensors["w"]) and torch.equal(weights.rows("i", 5, 7), tensors["i"][5:])
+    assert torch.equal(weights.rows("s", 0, 1), tensors["s"]) and weights.rows("empty").shape == (0, 4)
+    assert "missing" not in weights
