@@ -417,3 +417,18 @@ def test_meta_device_set_up_on_two_ranks_equals_todays_path(tmp_path):
                 assert lora_b and all(v.abs().max() > 0 for v in lora_b)
             else:
                 _assert_trained(meta[3])
+
+
+def test_lora_from_a_model_folder_starts_as_the_in_memory_path(tmp_path):
+    """One process, LoRA, `model.path`: the transformer is built on the meta device and
+    filled from the files; the run equals training the same model loaded in memory."""
+    model_dir = _adapter().save_pretrained(tmp_path / "model")
+    runs = []
+    for source in ("folder", "memory"):
+        cfg = _cfg(tmp_path / source, steps=2, lora=True)
+        cfg.model.path = str(model_dir)
+        adapter = load_adapter(model_dir) if source == "memory" else None
+        result = train(cfg, dataset=PairList(), adapter=adapter)
+        runs.append([h["loss"] for h in result.history])
+        assert (result.export_dir / "pytorch_lora_weights.safetensors").is_file()
+    assert runs[0] == pytest.approx(runs[1], rel=1e-6) and runs[0][0] != runs[0][1]
