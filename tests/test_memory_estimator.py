@@ -31,6 +31,7 @@ from tools.memory_estimator import (
     outer_saved_bytes_per_token,
     param_count,
     tokens_per_frame,
+    with_layers,
 )
 
 T2V = dict(patch_size=(1, 2, 2), num_attention_heads=4, attention_head_dim=16, in_channels=16, out_channels=16,
@@ -214,3 +215,20 @@ def test_repeatability_compares_the_same_points():
     assert rep["compared"] == 1
     assert rep["max_rel_diff"] == pytest.approx(0.03)
     assert rep["within_5_percent"]
+
+
+def test_saved_activations_at_real_width_match_autograd():
+    """One Wan2.1-T2V-1.3B block at full width (1536, 12 heads x 128, FFN 8960) and its
+    real text context (512 tokens x 4096): saved bytes per video token and in total."""
+    dims = with_layers(WAN21_T2V_1_3B, 1)
+    torch.manual_seed(0)
+    model = WanTransformer3DModel(patch_size=(1, 2, 2), num_attention_heads=12, attention_head_dim=128,
+                                  in_channels=16, out_channels=16, text_dim=4096, freq_dim=256, ffn_dim=8960,
+                                  num_layers=1, cross_attn_norm=True)
+    fp32 = Precision()
+    per_token = block_saved_bytes_per_token(dims, fp32) + outer_saved_bytes_per_token(dims, fp32)
+    assert per_token_saved(model, (8, 12), text_len=512) == pytest.approx(per_token, rel=1e-9)
+    tokens = 2 * 4 * 6
+    whole = saved_bytes(model, 2, (8, 12), text_len=512)
+    # within the timestep embedding's per-sample tensors (about 80 kB), which the estimate leaves out
+    assert abs(whole - tokens * per_token - context_saved_bytes(dims, fp32)) < 100_000

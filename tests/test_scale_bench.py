@@ -154,7 +154,9 @@ def test_bench_machinery_at_tiny_width(tmp_path, monkeypatch):
     setup = saved["setup"]
     assert setup["setup_rss_ratio"] == pytest.approx(max(setup["two_rank_peak_mb"]) / setup["one_process_peak_mb"])
     extrapolated = saved["extrapolated_full_depth_81_frames"]
-    assert [x["layers"] for x in extrapolated] == [30, 30] and extrapolated[0]["tokens"] == 21 * 1560
+    # to the model's full depth (2 blocks here) and 81 frames (21 latent frames)
+    assert [x["layers"] for x in extrapolated] == [2, 2] and extrapolated[0]["tokens"] == 21 * 4 * 6
+    assert extrapolated[0]["step_tflops"] == pytest.approx(step_flops(TINY_WAN, 21, (8, 12)) / 1e12)
 
 
 @pytest.mark.slow

@@ -562,8 +562,8 @@ def measure_overhead(model: RealModel, frames: int, latent_hw: tuple[int, int], 
 # ---- set-up memory -----------------------------------------------------------------------------
 
 
-def setup_model(num_layers: int = 14) -> RealModel:
-    """A Wan T2V transformer of about 300M parameters (1.3B's heads, 14 blocks of width 1024)."""
+def setup_model(num_layers: int = 17) -> RealModel:
+    """A Wan T2V transformer of about 300M parameters (17 blocks of width 1024)."""
     cfg = dict(WAN21_T2V_1_3B.config, num_attention_heads=8, ffn_dim=4096, num_layers=num_layers)
     return replace(WAN21_T2V_1_3B, name=f"Wan-T2V-{num_layers}x1024", config=cfg)
 
@@ -593,6 +593,7 @@ def setup_peak_on_rank(model_path: str, world: int) -> dict[str, Any]:
 
     cfg = run_config(LAYOUTS["plain"] if world == 1 else LayoutSpec("fsdp2", world))
     cfg.model.path = model_path
+    cfg.data.latent_cache = "unused"  # training from latents: no VAE or text encoder is loaded (none is saved)
     gc.collect()
     reset_peak_memory()
     baseline = current_memory_mb()
@@ -600,7 +601,8 @@ def setup_peak_on_rank(model_path: str, world: int) -> dict[str, Any]:
     state = build_training_state(cfg)
     elapsed = time.perf_counter() - start
     peak = peak_memory_mb() - baseline
-    return {"peak_mb": peak, "setup_s": elapsed, "state_mb": model_state_bytes(state) / MB}
+    return {"peak_mb": peak, "held_mb": current_memory_mb() - baseline, "setup_s": elapsed,
+            "state_mb": model_state_bytes(state) / MB}
 
 
 def measure_setup(model: RealModel) -> dict[str, Any]:
@@ -611,6 +613,8 @@ def measure_setup(model: RealModel) -> dict[str, Any]:
         two = run_fresh(setup_peak_on_rank, 2, str(path), 2)
     per_rank = [r["peak_mb"] for r in two]
     return {"params": params, "one_process_peak_mb": one["peak_mb"], "two_rank_peak_mb": per_rank,
+            "one_process_held_mb": one["held_mb"], "two_rank_held_mb": [r["held_mb"] for r in two],
+            "state_mb": {"one": one["state_mb"], "two": [r["state_mb"] for r in two]},
             "setup_s": {"one": one["setup_s"], "two": max(r["setup_s"] for r in two)},
             "setup_rss_ratio": max(per_rank) / one["peak_mb"]}
 
@@ -622,13 +626,14 @@ def _save_on_rank(model: RealModel, path: str) -> dict[str, Any]:
 # ---- extrapolation to full depth and 81 frames -------------------------------------------------
 
 
-def extrapolate(rows: list[Row], video_frames: int = 81) -> list[dict[str, Any]]:
+def extrapolate(rows: list[Row], models: dict[str, RealModel] | None = None,
+                video_frames: int = 81) -> list[dict[str, Any]]:
     """EXTRAPOLATION to full depth and `video_frames` frames, one line per measured row:
     the estimator at full size times the row's measured/estimated ratio (Wan), and the
     time at the row's measured FLOP rate."""
     out = []
     for row in rows:
-        full = REAL_MODELS[row.model]
+        full = (models or REAL_MODELS)[row.model]
         hw = full.latents[row.resolution]
         frames = latent_frames(video_frames)
         flops = step_flops(full, frames, hw)
@@ -654,7 +659,7 @@ class Plan:
 
     cases: list[tuple[str, int, str, int, str]]  # (model, blocks, resolution, latent frames, layout)
     overhead: tuple[str, int, tuple[int, int], int]  # (model, blocks, latent (h, w), repeats), 1 frame
-    setup_layers: int = 14
+    setup_layers: int = 17
     models: dict[str, RealModel] = field(default_factory=lambda: dict(REAL_MODELS))
 
 
@@ -672,40 +677,79 @@ def full_plan() -> Plan:
     return Plan(cases=cases, overhead=("Wan2.1-T2V-1.3B", 1, (60, 104), 5))
 
 
+def memory_needed_bytes(case: Case) -> float:
+    """Rough host memory one case takes on all its ranks (the estimate, or 20 bytes a
+    parameter plus a third for activations where there is none), plus the interpreters."""
+    est = estimate_for(case)
+    if est is not None:
+        per_rank = est.peak
+    else:
+        with_meta = case.model.build(device="meta")
+        per_rank = 20 * sum(p.numel() for p in with_meta.parameters()) / case.layout.world * 1.33
+    return case.layout.world * (per_rank * 1.15 + 0.5 * GB)
+
+
+def available_memory_bytes() -> float:
+    for line in Path("/proc/meminfo").read_text().splitlines():
+        if line.startswith("MemAvailable:"):
+            return float(line.split()[1]) * 1024
+    return float("inf")
+
+
 def run_bench(plan: Plan, out: Path, log: Callable[[str], None] = print) -> dict[str, Any]:
-    """Measure `plan`, write `out/results.json`, return what it holds."""
+    """Measure `plan`, writing `out/results.json` after each part; return what it holds.
+
+    A case that would not fit in the memory available now is skipped and listed; a
+    failing overhead or set-up measurement is reported in the results, not raised."""
     out.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
     rows: list[Row] = []
+    results: dict[str, Any] = {"estimator_error_real_width": None, "overhead_ratio": None, "setup_rss_ratio": None,
+                               "rows": [], "skipped": []}
+
+    def save() -> None:
+        errors = [abs(r.error) for r in rows if r.error is not None]
+        results.update(estimator_error_real_width=max(errors) if errors else None, rows=[asdict(r) for r in rows],
+                       extrapolated_full_depth_81_frames=extrapolate(rows, plan.models),
+                       machine={"cpus": os.cpu_count(), "threads_per_rank": 1, "load_average_now": os.getloadavg()},
+                       wall_s=time.perf_counter() - started)
+        (out / "results.json").write_text(json.dumps(results, indent=2))
+
     for name, blocks, res, frames, layout in plan.cases:
         model = plan.models[name]
         case = Case(model.at_depth(blocks), LAYOUTS[layout], res, frames, model.latents[res])
+        need, have = memory_needed_bytes(case), available_memory_bytes()
+        if need > have:
+            log(f"skipping {name} x{blocks} {res} {layout}: needs about {need / GB:.1f} GiB, {have / GB:.1f} available")
+            results["skipped"].append({"model": name, "blocks": blocks, "resolution": res, "layout": layout,
+                                       "need_gb": need / GB, "available_gb": have / GB})
+            continue
         log(f"measuring {name} x{blocks} block(s) {res} {frames} latent frame(s) {layout} ...")
         rows.append(measure_case(case))
         log("  " + format_row(rows[-1]))
+        save()
     name, blocks, hw, repeats = plan.overhead
     log(f"framework overhead on {name} x{blocks} block(s), latent {hw[0]}x{hw[1]}, {repeats} alternations ...")
-    overhead = run_fresh(measure_overhead, 1, plan.models[name].at_depth(blocks), 1, hw, repeats)[0]
-    overhead.pop("ok")
-    log(f"  trainer {overhead['trainer_s']:.2f} s, bare {overhead['bare_s']:.2f} s, "
-        f"ratio {overhead['overhead_ratio']:.3f}")
+    try:
+        overhead = run_fresh(measure_overhead, 1, plan.models[name].at_depth(blocks), 1, hw, repeats)[0]
+        overhead.pop("ok")
+        results.update(overhead_ratio=overhead["overhead_ratio"], overhead=overhead)
+        log(f"  trainer {overhead['trainer_s']:.2f} s, bare {overhead['bare_s']:.2f} s, "
+            f"ratio {overhead['overhead_ratio']:.3f}")
+    except RuntimeError as err:
+        results["overhead"] = {"error": str(err)}
+        log(f"  failed: {err}")
+    save()
     log(f"set-up memory, {plan.setup_layers}-block Wan transformer, 1 process vs 2 ranks ...")
-    setup = measure_setup(setup_model(plan.setup_layers))
-    log(f"  {setup['params'] / 1e6:.0f}M params: 1 process {setup['one_process_peak_mb']:.0f} MiB, 2 ranks "
-        f"{[round(v) for v in setup['two_rank_peak_mb']]} MiB per rank, ratio {setup['setup_rss_ratio']:.3f}")
-    errors = [abs(r.error) for r in rows if r.error is not None]
-    results = {
-        "estimator_error_real_width": max(errors) if errors else None,
-        "overhead_ratio": overhead["overhead_ratio"],
-        "setup_rss_ratio": setup["setup_rss_ratio"],
-        "rows": [asdict(r) for r in rows],
-        "extrapolated_full_depth_81_frames": extrapolate(rows),
-        "overhead": overhead,
-        "setup": setup,
-        "machine": {"cpus": os.cpu_count(), "threads_per_rank": 1, "load_average_at_end": os.getloadavg()},
-        "wall_s": time.perf_counter() - started,
-    }
-    (out / "results.json").write_text(json.dumps(results, indent=2))
+    try:
+        setup = measure_setup(setup_model(plan.setup_layers))
+        results.update(setup_rss_ratio=setup["setup_rss_ratio"], setup=setup)
+        log(f"  {setup['params'] / 1e6:.0f}M params: 1 process {setup['one_process_peak_mb']:.0f} MiB, 2 ranks "
+            f"{[round(v) for v in setup['two_rank_peak_mb']]} MiB per rank, ratio {setup['setup_rss_ratio']:.3f}")
+    except RuntimeError as err:
+        results["setup"] = {"error": str(err)}
+        log(f"  failed: {err}")
+    save()
     log(format_table(results))
     return results
 
@@ -722,7 +766,10 @@ def format_table(results: dict[str, Any]) -> str:
     lines += [format_row(Row(**r)) for r in results["rows"]]
     err = results["estimator_error_real_width"]
     lines.append(f"estimator_error_real_width {err:.3f}" if err is not None else "estimator_error_real_width n/a")
-    lines.append(f"overhead_ratio {results['overhead_ratio']:.3f}   setup_rss_ratio {results['setup_rss_ratio']:.3f}")
+    ratios = {k: results[k] for k in ("overhead_ratio", "setup_rss_ratio")}
+    lines.append("   ".join(f"{k} {v:.3f}" if v is not None else f"{k} n/a" for k, v in ratios.items()))
+    lines += [f"skipped (memory): {x['model']} x{x['blocks']} {x['resolution']} {x['layout']}, needs "
+              f"{x['need_gb']:.1f} GiB" for x in results["skipped"]]
     lines.append("EXTRAPOLATION (not measured) to full depth, 81 frames, fp32, this CPU's FLOP rate:")
     lines.append(f"{'model':<16}{'res':>6}{'layout':>7}{'layers':>7}{'tokens':>8}{'TFLOP':>9}{'CPU s':>10}{'peak GB':>9}")
     for x in results["extrapolated_full_depth_81_frames"]:
