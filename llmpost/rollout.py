@@ -316,8 +316,8 @@ class VLLMRollout:
                  seed: int | None = None) -> RolloutBatch:
         """`num_samples` responses per prompt, grouped, with the engine's token log-probs.
 
-        `seed` fixes the sampling (vLLM gives the n samples of a request seeds seed..seed+n-1),
-        so a resumed run draws what the uninterrupted one drew."""
+        `seed` fixes the sampling (request k gets seed + k n, and vLLM gives its n samples
+        seed + k n .. + n - 1), so a resumed run draws what the uninterrupted one drew."""
         from vllm import SamplingParams
 
         cfg = self.config
@@ -330,12 +330,15 @@ class VLLMRollout:
         requests = [{"prompt_token_ids": p} for p in prompts]
         if greedy:  # vLLM's n > 1 needs sampling: greedy copies go as separate requests
             requests = [r for r in requests for _ in range(num_samples)]
-        params = SamplingParams(
-            n=1 if greedy else num_samples, temperature=0.0 if greedy else cfg.temperature,
+        n = 1 if greedy else num_samples
+        # one seed per request (its n samples take seed..seed+n-1): equal prompts in a
+        # batch still draw independent samples
+        params = [SamplingParams(
+            n=n, temperature=0.0 if greedy else cfg.temperature,
             top_p=1.0 if greedy else cfg.top_p, max_tokens=cfg.max_new_tokens,
             stop=cfg.stop_strings or None, include_stop_str_in_output=True, logprobs=0,
-            seed=seed,
-        )
+            seed=None if seed is None else (seed + k * n) % 2**62,
+        ) for k in range(len(requests))]
         if self.asleep:
             self.llm.wake_up()
             self.asleep = False

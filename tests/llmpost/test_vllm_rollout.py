@@ -116,6 +116,8 @@ def test_responses_come_grouped_with_their_log_probs(engine, word_tokenizer):
         assert all(lp <= 0.0 and math.isfinite(lp) for lp in lps)
     for g in range(3):  # n samples of one prompt differ; a seed repeats them
         assert len({tuple(r) for r in batch.response_ids[4 * g : 4 * g + 4]}) > 1
+    twice = engine.generate([prompts[0], prompts[0]], 4, seed=11)  # equal prompts: own draws
+    assert twice.response_ids[:4] != twice.response_ids[4:]
     again = engine.generate(prompts, 4, seed=11)
     assert again.response_ids == batch.response_ids and again.logprobs == batch.logprobs
     assert engine.generate(prompts, 4, seed=12).response_ids != batch.response_ids
