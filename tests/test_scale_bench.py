@@ -146,7 +146,7 @@ def test_bench_machinery_at_tiny_width(tmp_path, monkeypatch):
         for key in ("model", "width", "blocks_run", "tokens", "layout", "step_s", "peak_mb", "estimate_mb", "flops"):
             assert r[key] is not None, key
         assert r["width"] == 32 and r["tokens"] == 2 * 4 * 6
-        assert r["step_s"] > 0 and r["peak_mb"] > 0 and r["saved_mb"] > 0
+        assert r["step_s"] > 0 and r["step_cpu_s"] > 0 and r["peak_mb"] > 0 and r["saved_mb"] > 0
         assert r["flops"] == step_flops(TINY_WAN.at_depth(r["blocks_run"]), 2, (8, 12))
         assert r["error"] == pytest.approx((r["estimate_mb"] - r["peak_mb"]) / r["peak_mb"])
     assert saved["estimator_error_real_width"] == pytest.approx(max(abs(r["error"]) for r in rows))

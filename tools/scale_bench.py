@@ -314,7 +314,8 @@ class Row:
     tokens: int  # video tokens of one sample
     layout: str
     ranks: int
-    step_s: float
+    step_s: float  # wall time, max over ranks
+    step_cpu_s: float  # CPU time of the step's process, max over ranks (less sensitive to a shared machine)
     peak_mb: float  # max over ranks: step peak above baseline + resident model state
     saved_mb: float  # max over ranks: bytes autograd saved for backward (each storage once)
     estimate_mb: float | None
@@ -400,15 +401,15 @@ def measure_on_rank(case: Case) -> dict[str, Any]:
     reset_peak_memory()
     baseline = current_memory_mb()
     hooks, saved_bytes = _saved_bytes_counter()
-    start = time.perf_counter()
+    start, start_cpu = time.perf_counter(), time.process_time()
     with hooks:
         step_fn(model.batch(case.frames, case.latent_hw, seed=1))
-    elapsed = time.perf_counter() - start
+    elapsed, cpu_s = time.perf_counter() - start, time.process_time() - start_cpu
     step_peak = peak_memory_mb() - baseline
     if dist.is_initialized():
         dist.barrier()
     return {"step_peak": step_peak * MB, "model_state": float(model_state_bytes(state)), "step_s": elapsed,
-            "saved": float(saved_bytes())}
+            "cpu_s": cpu_s, "saved": float(saved_bytes())}
 
 
 def _free_port() -> int:
@@ -478,7 +479,8 @@ def measure_case(case: Case) -> Row:
         model=case.model.name, width=case.model.hidden, blocks_run=case.model.num_layers,
         resolution=case.resolution, frames=case.frames,
         tokens=case.frames // case.model.patch[0] * case.model.tokens_per_frame(case.latent_hw),
-        layout=case.layout.name, ranks=case.layout.world, step_s=step_s, peak_mb=peak,
+        layout=case.layout.name, ranks=case.layout.world, step_s=step_s,
+        step_cpu_s=max(r["cpu_s"] for r in ranks), peak_mb=peak,
         saved_mb=max(r["saved"] for r in ranks) / MB,
         estimate_mb=est.peak / MB if est is not None else None,
         estimate_activations_mb=est.activations / MB if est is not None else None,
@@ -547,15 +549,22 @@ def measure_overhead(model: RealModel, frames: int, latent_hw: tuple[int, int], 
     def trainer() -> None:
         step_fn(batch)
 
-    times: dict[str, list[float]] = {"trainer": [], "bare": []}
+    # Wall time and this process's CPU time (one thread: the compute itself, which other
+    # processes sharing the cores do not inflate); the ratio is of CPU-time medians.
+    wall: dict[str, list[float]] = {"trainer": [], "bare": []}
+    cpu: dict[str, list[float]] = {"trainer": [], "bare": []}
     for i in range(repeats + 1):  # the first pair warms up (AdamW moments, kernels)
         for name, fn in (("trainer", trainer), ("bare", bare)) if i % 2 == 0 else (("bare", bare), ("trainer", trainer)):
-            start = time.perf_counter()
+            start, start_cpu = time.perf_counter(), time.process_time()
             fn()
             if i:
-                times[name].append(time.perf_counter() - start)
-    trainer_s, bare_s = statistics.median(times["trainer"]), statistics.median(times["bare"])
-    return {"trainer_s": trainer_s, "bare_s": bare_s, "overhead_ratio": trainer_s / bare_s, "times": times,
+                wall[name].append(time.perf_counter() - start)
+                cpu[name].append(time.process_time() - start_cpu)
+    med = {k: statistics.median(v) for k, v in cpu.items()}
+    med_wall = {k: statistics.median(v) for k, v in wall.items()}
+    return {"trainer_cpu_s": med["trainer"], "bare_cpu_s": med["bare"], "overhead_ratio": med["trainer"] / med["bare"],
+            "trainer_wall_s": med_wall["trainer"], "bare_wall_s": med_wall["bare"],
+            "overhead_ratio_wall": med_wall["trainer"] / med_wall["bare"], "cpu_times": cpu, "wall_times": wall,
             "model": model.name, "blocks_run": model.num_layers, "frames": frames, "latent_hw": list(latent_hw)}
 
 
@@ -630,7 +639,7 @@ def extrapolate(rows: list[Row], models: dict[str, RealModel] | None = None,
                 video_frames: int = 81) -> list[dict[str, Any]]:
     """EXTRAPOLATION to full depth and `video_frames` frames, one line per measured row:
     the estimator at full size times the row's measured/estimated ratio (Wan), and the
-    time at the row's measured FLOP rate."""
+    step's CPU time scaled by the FLOPs (this CPU, one thread a rank)."""
     out = []
     for row in rows:
         full = (models or REAL_MODELS)[row.model]
@@ -639,7 +648,7 @@ def extrapolate(rows: list[Row], models: dict[str, RealModel] | None = None,
         flops = step_flops(full, frames, hw)
         item = {"model": row.model, "resolution": row.resolution, "layout": row.layout, "layers": full.num_layers,
                 "latent_frames": frames, "tokens": frames * full.tokens_per_frame(hw), "step_tflops": flops / 1e12,
-                "cpu_step_s_extrapolated": flops / (row.tflops_per_s * 1e12), "peak_gb_extrapolated": None}
+                "cpu_step_s_extrapolated": row.step_cpu_s * flops / row.flops, "peak_gb_extrapolated": None}
         dims = full.dims()
         if dims is not None and row.estimate_mb:
             spec = LAYOUTS[row.layout]
@@ -734,8 +743,9 @@ def run_bench(plan: Plan, out: Path, log: Callable[[str], None] = print) -> dict
         overhead = run_fresh(measure_overhead, 1, plan.models[name].at_depth(blocks), 1, hw, repeats)[0]
         overhead.pop("ok")
         results.update(overhead_ratio=overhead["overhead_ratio"], overhead=overhead)
-        log(f"  trainer {overhead['trainer_s']:.2f} s, bare {overhead['bare_s']:.2f} s, "
-            f"ratio {overhead['overhead_ratio']:.3f}")
+        log(f"  CPU time: trainer {overhead['trainer_cpu_s']:.2f} s, bare {overhead['bare_cpu_s']:.2f} s, ratio "
+            f"{overhead['overhead_ratio']:.3f} (wall {overhead['trainer_wall_s']:.2f} / {overhead['bare_wall_s']:.2f} s, "
+            f"{overhead['overhead_ratio_wall']:.3f})")
     except RuntimeError as err:
         results["overhead"] = {"error": str(err)}
         log(f"  failed: {err}")
@@ -757,12 +767,12 @@ def run_bench(plan: Plan, out: Path, log: Callable[[str], None] = print) -> dict
 def format_row(r: Row) -> str:
     est = f"{r.estimate_mb:9.0f}{100 * r.error:+7.1f}%" if r.estimate_mb is not None else f"{'-':>9}{'-':>8}"
     return (f"{r.model:<16}{r.width:>6}{r.blocks_run:>4}{r.resolution:>6}{r.tokens:>7}{r.layout:>7}"
-            f"{r.step_s:>8.2f}{r.peak_mb:>9.0f}{r.saved_mb:>9.0f}{est}{r.flops / 1e12:>8.2f}{r.tflops_per_s * 1e3:>7.1f}")
+            f"{r.step_s:>8.2f}{r.step_cpu_s:>8.2f}{r.peak_mb:>9.0f}{r.saved_mb:>9.0f}{est}{r.flops / 1e12:>8.2f}{r.tflops_per_s * 1e3:>8.1f}")
 
 
 def format_table(results: dict[str, Any]) -> str:
-    lines = [f"{'model':<16}{'width':>6}{'blk':>4}{'res':>6}{'tokens':>7}{'layout':>7}{'step s':>8}{'peak MiB':>9}"
-             f"{'saved':>9}{'est MiB':>9}{'err':>8}{'TFLOP':>8}{'GFLOP/s':>7}"]
+    lines = [f"{'model':<16}{'width':>6}{'blk':>4}{'res':>6}{'tokens':>7}{'layout':>7}{'step s':>8}{'cpu s':>8}{'peak MiB':>9}"
+             f"{'saved':>9}{'est MiB':>9}{'err':>8}{'TFLOP':>8}{'GFLOP/s':>8}"]
     lines += [format_row(Row(**r)) for r in results["rows"]]
     err = results["estimator_error_real_width"]
     lines.append(f"estimator_error_real_width {err:.3f}" if err is not None else "estimator_error_real_width n/a")
@@ -770,7 +780,8 @@ def format_table(results: dict[str, Any]) -> str:
     lines.append("   ".join(f"{k} {v:.3f}" if v is not None else f"{k} n/a" for k, v in ratios.items()))
     lines += [f"skipped (memory): {x['model']} x{x['blocks']} {x['resolution']} {x['layout']}, needs "
               f"{x['need_gb']:.1f} GiB" for x in results["skipped"]]
-    lines.append("EXTRAPOLATION (not measured) to full depth, 81 frames, fp32, this CPU's FLOP rate:")
+    lines.append("EXTRAPOLATION (not measured) to full depth, 81 frames, fp32: peak = estimator x measured/estimated,"
+                 " CPU s = step CPU time x FLOP ratio")
     lines.append(f"{'model':<16}{'res':>6}{'layout':>7}{'layers':>7}{'tokens':>8}{'TFLOP':>9}{'CPU s':>10}{'peak GB':>9}")
     for x in results["extrapolated_full_depth_81_frames"]:
         peak = f"{x['peak_gb_extrapolated']:9.1f}" if x["peak_gb_extrapolated"] is not None else f"{'-':>9}"
@@ -796,7 +807,8 @@ def cuda_step_report(model: RealModel, resolution: str, frames: int, layout: Lay
     cuda = torch.cuda.is_available() and (device is None or str(device).startswith("cuda"))
     dtype = dtype or (torch.bfloat16 if cuda else torch.float32)
     torch.manual_seed(0)
-    transformer = model.build(dtype=dtype)
+    build_on = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0"))) if cuda else None  # fast random init
+    transformer = model.build(dtype=dtype, device=build_on)
     step_fn, state = build_training_step(run_config(layout, lora=lora, mixed_precision="bf16" if cuda else "no"),
                                          model.adapter(transformer))
     device = state.layout.device
