@@ -32,8 +32,13 @@ Paths, which give the same update (tests/common/test_regularizer.py):
   `ghost_pairs="auto"` a layer whose n per-sample gradients are cheaper to form than
   the token x token products (long sequences) gets them formed for that layer alone
   and freed before the next; `ghost_pairs="ghost"` never forms them.
-  Embeddings use the touched rows only; other modules (norms) get per-sample gradients of
-  their own few parameters from their captured input and output gradient. The update of
+  Embeddings use the touched rows only; other modules (norms, convs) get per-sample
+  gradients of their own few parameters from their captured input and output gradient (a
+  module that sees k rows per sample, as CogVideoX's patch conv sees B x F frames, is
+  handled per sample block). Parameters owned by a module that also has children (Wan's
+  `scale_shift_table` in the root and in every block) are "tapped": during the general
+  pass the parameter is swapped for its expansion to n rows, so each row's gradient is
+  one sample's; this needs a leading dimension of 1 (it broadcasts over the batch). The update of
   each layer is b * g_T + (a-weighted G)^T X, formed from the captured tensors.
   Memory: each Linear's input and output gradient are kept until the step ends (about
   one more copy of the Linear activations), never n gradients of a group.
@@ -130,6 +135,7 @@ class _Record:
     x: torch.Tensor
     params: dict[str, torch.Tensor] | None = None
     grad_out: torch.Tensor | None = None
+    key: str = ""  # a tapped parameter's name
 
 
 @dataclass
@@ -171,6 +177,13 @@ class DataRegularizer:
                 "regularizer.path: 'materialized' is the single-process reference; "
                 "use 'ghost' or 'sketch' with FSDP"
             )
+        # modules that own parameters but also have children (a transformer block's or
+        # the root's modulation table): their own parameters are tapped, not hooked
+        self.tapped = {
+            name for name, m in self.modules.items()
+            if not isinstance(m, (nn.Linear, nn.Embedding)) and any(
+                _own_params(c) for c in m.modules() if c is not m)
+        }
         if config.path != "materialized":
             self._check_ghost_support()
 
@@ -257,7 +270,12 @@ class DataRegularizer:
         phase = ["t"]
         handles = []
         for name, module in self.modules.items():
-            handles.append(module.register_forward_hook(self._hook(records[name], phase, anchor)))
+            if name in self.tapped:
+                pre, post = self._tap_hooks(name, records[name], phase, anchor)
+                handles.append(module.register_forward_pre_hook(pre, with_kwargs=True))
+                handles.append(module.register_forward_hook(post))
+            else:
+                handles.append(module.register_forward_hook(self._hook(records[name], phase, anchor)))
         try:
             losses_t = loss_fn(self.model, target_batch)
             phase[0] = "g"
@@ -309,6 +327,69 @@ class DataRegularizer:
 
         return hook
 
+    def _tap_hooks(self, name, records, phase, anchor):
+        """Hooks that swap a tapped module's own parameters for captured stand-ins.
+
+        Such a parameter (Wan's `scale_shift_table`, shape (1, ...)) is added to
+        per-sample tensors inside the module's forward; in the general pass it is
+        expanded to (n, ...) rows, so the gradient each row receives is that sample's
+        gradient of the parameter. Only a leading dimension of 1 allows this.
+        """
+        module = self.modules[name]
+        saved: dict[str, torch.Tensor] = {}
+
+        def pre(mod, args, kwargs):
+            lead = next((a.shape[0] for a in (*args, *kwargs.values())
+                         if isinstance(a, torch.Tensor) and a.ndim > 0), 1)
+            for key, p in _own_params(mod).items():
+                if p.shape[0] != 1:
+                    raise ConfigError(
+                        f"regularizer: parameter {name}.{key} {tuple(p.shape)} belongs to a module "
+                        "with children; the ghost path handles such parameters only with a "
+                        "leading dimension of 1; use path='materialized' or freeze it"
+                    )
+                record = _Record(x=torch.empty(0), key=key)
+                records[phase[0]].append(record)
+                saved[key] = mod._parameters[key]
+                stand_in = p.expand(lead, *p.shape[1:]) if phase[0] == "g" else p
+                mod._parameters[key] = _Capture.apply(stand_in, anchor, record)
+
+        def post(mod, args, out):
+            mod._parameters.update(saved)
+            saved.clear()
+
+        del module
+        return pre, post
+
+    def _tapped(self, module, recs, n):
+        """Gram terms and writer of a tapped module's own parameters (see `_tap_hooks`)."""
+        params = _own_params(module)
+
+        def columns_of(rec_list, count):
+            cols = {k: torch.zeros(count, *params[k].shape[1:]) for k in params}
+            for r in rec_list:
+                if r.grad_out is not None:
+                    if r.grad_out.shape[0] != count:
+                        raise ConfigError(
+                            f"regularizer: tapped parameter {r.key} saw a batch of "
+                            f"{r.grad_out.shape[0]} rows, expected {count}")
+                    cols[r.key] += r.grad_out.float()
+            return torch.cat(
+                [_local_slice(cols[k][:, None], params[k]).reshape(count, -1) for k in params], 1)
+
+        columns = torch.cat([columns_of(recs["t"], 1), columns_of(recs["g"], n)]).double()
+        gram = columns @ columns.T
+
+        def write(coef):
+            update = coef @ columns
+            offset = 0
+            for p in params.values():
+                size = _local(p).numel()
+                _set_grad(p, update[offset : offset + size].view(_local(p).shape))
+                offset += size
+
+        return gram, write
+
     def _module_gram(self, name: str, recs: dict[str, list[_Record]], n: int, transient=False):
         """(Gram contribution (n+1)x(n+1), writer(coef)) for one module's parameters.
 
@@ -316,6 +397,8 @@ class DataRegularizer:
         the Gram may be kept inside it (they are used for the update instead of X and G).
         """
         module = self.modules[name]
+        if name in self.tapped:
+            return self._tapped(module, recs, n)
         if isinstance(module, nn.Linear):
             return self._linear(name, module, recs, n, transient)
         if isinstance(module, nn.Embedding):
@@ -482,10 +565,18 @@ class DataRegularizer:
                 if r.grad_out is None:
                     continue
                 x, g = (r.x, r.grad_out) if batched else (r.x[None], r.grad_out[None])
+                if batched and x.shape[0] != n and x.shape[0] % n == 0:
+                    # rows b-major per sample (CogVideoX's patch conv sees B * F frames)
+                    x = x.reshape(n, -1, *x.shape[1:])
+                    g = g.reshape(n, -1, *g.shape[1:])
+                    rows_per_sample = True
+                else:  # the target batch is one block of rows
+                    rows_per_sample = not batched
 
-                def vjp_one(params, xi, gi):
-                    fn = lambda p: torch.func.functional_call(module, p, (xi[None],))  # noqa: E731
-                    return torch.func.vjp(fn, params)[1](gi[None].to(xi.dtype))[0]
+                def vjp_one(params, xi, gi, many=rows_per_sample):
+                    xi, gi = (xi, gi) if many else (xi[None], gi[None])
+                    fn = lambda p: torch.func.functional_call(module, p, (xi,))  # noqa: E731
+                    return torch.func.vjp(fn, params)[1](gi.to(xi.dtype))[0]
 
                 with warnings.catch_warnings():
                     warnings.simplefilter("ignore", UserWarning)

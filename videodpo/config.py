@@ -8,6 +8,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from common.regularizer import RegularizerConfig
+
 
 @dataclass
 class ModelConfig:
@@ -122,6 +124,25 @@ class SampleConfig:
     out_dir: str = ""  # "" = out_dir/samples
 
 
+def _video_projector() -> RegularizerConfig:
+    # measured default for video models (videodpo.regularized_step): ghost, layer-wise,
+    # per-sample gradients formed per layer where cheaper than token x token products
+    return RegularizerConfig(feasible="subset", granularity="layer", fraction=0.5, n_general=4,
+                             path="ghost", ghost_pairs="auto")
+
+
+@dataclass
+class RegularizerSection:
+    """General clips (no pairs) beside the pairs; see `videodpo.regularized_step`."""
+
+    LIMITS = {"mix_weight": ">=0"}
+    mode: str = "off"  # off | mix | projector
+    general_manifest: str = ""  # clip manifest: `video` + `caption` rows
+    general_cache: str = ""  # or a latent cache whose `chosen` latents are the clips
+    mix_weight: float = 1.0  # mix: weight of the general clips' mean SFT error
+    projector: RegularizerConfig = field(default_factory=_video_projector)  # n_general: clips/step
+
+
 @dataclass
 class RunConfig:
     out_dir: str = "runs/videodpo"
@@ -134,3 +155,4 @@ class RunConfig:
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     validation: ValidationConfig = field(default_factory=ValidationConfig)
     sample: SampleConfig = field(default_factory=SampleConfig)
+    regularizer: RegularizerSection = field(default_factory=RegularizerSection)

@@ -246,3 +246,39 @@ def test_fsdp_two_processes_equal_one():
             grads, cos = rank_results[i]
             assert_grads_close(grads, want)
             assert cos == pytest.approx(want_stats.cos_update_target, abs=1e-5)
+
+
+@pytest.mark.parametrize("family", ["wan", "cogvideox"])
+def test_ghost_path_on_video_transformers_equals_materialized(family):
+    """Wan's root and blocks own a `scale_shift_table` besides their children (tapped per
+    sample); CogVideoX's patch conv sees B x F frame rows: both through the ghost path."""
+    from videodpo.losses import per_sample_error
+    from videodpo.models.tiny import build_pixel_adapter
+
+    adapter = build_pixel_adapter(family, "t2v", seed=0, height=8, width=8, num_frames=4)
+    objective = adapter.objective
+    text = adapter.encode_prompts(["a red square moving left slow"])[0]
+
+    def loss_fn(model, b):
+        noisy = objective.add_noise(b["x"], b["noise"], b["t"])
+        target = objective.target(b["x"], b["noise"], b["t"])
+        return per_sample_error(adapter.predict(model, noisy, b["t"], {"text": b["text"]}), target)
+
+    def batch(n, seed):
+        g = torch.Generator().manual_seed(seed)
+        x = torch.randn(n, 3, 4, 8, 8, generator=g)
+        return {"x": x, "noise": torch.randn(x.shape, generator=g),
+                "t": objective.sample_timesteps(n, g), "text": text.expand(n, *text.shape)}
+
+    target, general = batch(2, 0), batch(3, 1)
+    results = {}
+    for path in ("materialized", "ghost"):
+        cfg = RegularizerConfig(feasible="subset", granularity="block", n_general=3, path=path)
+        model = adapter.transformer
+        model.zero_grad(set_to_none=True)
+        DataRegularizer(model, cfg).step(loss_fn, target, general)
+        results[path] = {k: p.grad.clone() for k, p in model.named_parameters()}
+    assert_grads_close(results["ghost"], results["materialized"], rtol=1e-4)
+    if family == "wan":
+        tables = [v for k, v in results["ghost"].items() if "scale_shift_table" in k]
+        assert len(tables) == 3 and all(v.abs().max() > 0 for v in tables)
