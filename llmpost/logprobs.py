@@ -33,7 +33,7 @@ from torch.distributed.fsdp import FSDPModule
 from torch.utils.checkpoint import checkpoint
 
 DEFAULT_CHUNK_SIZE = 1024  # scored tokens per chunk: 622 MB of fp32 logits at V = 151,936
-ROW_BLOCK_BYTES = 16 << 20  # scratch for the softmax of a few rows of a chunk
+ROW_BLOCK_BYTES = 1 << 20  # rows of a chunk handled at once: their scratch stays in cache
 
 
 def response_logprobs(
@@ -160,13 +160,18 @@ class _LogSoftmaxGather(torch.autograd.Function):
         lse = torch.empty(logits.shape[0], dtype=dtype, device=logits.device)
         logp = torch.empty_like(lse)
         for rows in _row_blocks(logits):
-            z = torch.div(logits[rows].to(dtype), temperature)
-            lse[rows] = torch.logsumexp(z, dim=-1)
+            z = _scaled(logits[rows].to(dtype), temperature)  # a view when nothing changes
+            if entropy_out is None:
+                lse[rows] = torch.logsumexp(z, dim=-1)
+            else:
+                # H = lse - sum(softmax * z), from one exp pass: e = exp(z - max)
+                top = z.amax(dim=-1, keepdim=True)
+                e = (z - top).exp_()
+                total = e.sum(dim=-1)
+                lse[rows] = top.squeeze(-1) + total.log()
+                dot = torch.bmm(e.unsqueeze(1), z.unsqueeze(2)).view(-1)
+                entropy_out[rows] = (lse[rows] - dot / total).to(entropy_out.dtype)
             logp[rows] = z.gather(-1, targets[rows, None]).squeeze(-1) - lse[rows]
-            if entropy_out is not None:
-                # H = lse - sum(softmax * z)
-                p = (z - lse[rows, None]).exp_()
-                entropy_out[rows] = (lse[rows] - (p * z).sum(-1)).to(entropy_out.dtype)
         ctx.save_for_backward(logits, targets, lse)
         ctx.temperature = temperature
         return logp
@@ -175,12 +180,22 @@ class _LogSoftmaxGather(torch.autograd.Function):
     def backward(ctx, grad_logp):
         logits, targets, lse = ctx.saved_tensors
         scale = grad_logp.to(lse.dtype) / ctx.temperature
+        in_place = logits.dtype == lse.dtype
         for rows in _row_blocks(logits):
-            z = torch.div(logits[rows].to(lse.dtype), ctx.temperature)
+            block = logits[rows]
+            if in_place:
+                z = block.div_(ctx.temperature) if ctx.temperature != 1.0 else block
+            else:
+                z = torch.div(block.to(lse.dtype), ctx.temperature)
             grad = z.sub_(lse[rows, None]).exp_().mul_(-scale[rows, None])  # -softmax * g / T
             grad.scatter_add_(-1, targets[rows, None], scale[rows, None])
-            logits[rows] = grad.to(logits.dtype)
+            if not in_place:
+                block.copy_(grad)
         return logits.detach(), None, None, None
+
+
+def _scaled(logits: torch.Tensor, temperature: float) -> torch.Tensor:
+    return logits if temperature == 1.0 else torch.div(logits, temperature)
 
 
 def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -190,7 +205,7 @@ def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
 
 def _row_blocks(logits: torch.Tensor) -> list[slice]:
     n, vocab = logits.shape
-    step = max(1, ROW_BLOCK_BYTES // (vocab * 8))
+    step = max(1, ROW_BLOCK_BYTES // (vocab * logits.element_size()))
     return [slice(i, min(i + step, n)) for i in range(0, n, step)]
 
 
