@@ -100,6 +100,16 @@ def collate_pairs(adapter: VideoModelAdapter, items: list[dict]) -> PairBatch:
     return PairBatch(chosen, rejected, cond)
 
 
+def encode_item(adapter: VideoModelAdapter, item: dict) -> dict:
+    """One dataset item in the form a latent cache gives: latents and conditions (no batch
+    dimension), encoded by `collate_pairs`; cached items come back as they are."""
+    if "text" in item or item.get("latent", False):
+        return item
+    batch = collate_pairs(adapter, [item])
+    return {"chosen": batch.chosen[0], "rejected": batch.rejected[0], **{k: v[0] for k, v in batch.cond.items()},
+            **{k: item[k] for k in ("caption", "row", "meta") if k in item}}
+
+
 def random_pair_batch(adapter: VideoModelAdapter, batch_size: int, num_frames: int, height: int, width: int,
                       seed: int = 0) -> PairBatch:
     """A batch of random latents and conditions of the right shapes (benchmarks, tests)."""
@@ -490,8 +500,11 @@ def train(
         logger.warning("train.batch_size %d on %d data-parallel ranks is more than the %d pairs of the data; "
                        "pairs repeat within a step", cfg.train.batch_size, layout.dp_size, len(dataset))
     sampler = PairSampler(len(dataset), cfg.train.seed, layout.dp_rank, layout.dp_size)
+    # Encoders on the CPU (no GPU): the loader's workers encode each row as they read it.
+    encode_in_workers = cfg.data.num_workers > 0 and state.adapter.encoder_device.type == "cpu"
     loader = PairLoader(dataset, cfg.train.batch_size, sampler, functools.partial(collate_pairs, state.adapter),
-                        cfg.data.max_bad_row_fraction, cfg.data.num_workers, cfg.data.prefetch_factor)
+                        cfg.data.max_bad_row_fraction, cfg.data.num_workers, cfg.data.prefetch_factor,
+                        transform=functools.partial(encode_item, state.adapter) if encode_in_workers else None)
     checkpointer = Checkpointer(out_dir / "checkpoints", keep_last=cfg.train.keep_checkpoints)
     if resume:
         extra: dict = {}

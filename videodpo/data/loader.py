@@ -72,16 +72,19 @@ class PairSampler(Sampler[int]):
 
 
 class _RowReader(Dataset):
-    """What a worker runs: one row, or the reason it is bad."""
+    """What a worker runs: one row (passed through `transform`), or why it is bad."""
 
-    def __init__(self, dataset: Dataset) -> None:
-        self.dataset = dataset
+    def __init__(self, dataset: Dataset, transform: Callable[[dict], dict] | None = None) -> None:
+        self.dataset, self.transform = dataset, transform
 
     def __len__(self) -> int:
         return len(self.dataset)
 
     def __getitem__(self, index: int) -> tuple[dict | None, tuple[int, str] | None]:
-        return read_row(self.dataset, index)
+        item, bad = read_row(self.dataset, index)
+        if item is not None and self.transform is not None:
+            item = self.transform(item)
+        return item, bad
 
 
 def _as_read(row: Any) -> Any:
@@ -92,8 +95,10 @@ class PairLoader:
     """Full batches from a map-style pair dataset through a prefetching `DataLoader`.
 
     `collate(items)` turns a list of good items into what `next_batch` returns (the
-    trainer encodes raw clips there, on the training device). `num_workers=0` reads in
-    this process; the batches are the same either way.
+    trainer encodes raw clips there, on the training device). `transform(item)` runs on
+    each row where it is read, in the workers (the trainer encodes there when the
+    encoders run on the CPU, so encoding overlaps the step too). `num_workers=0` reads
+    in this process; the batches are the same either way.
     """
 
     def __init__(
@@ -105,8 +110,10 @@ class PairLoader:
         max_bad_fraction: float = 0.1,
         num_workers: int = 0,
         prefetch_factor: int = 2,
+        transform: Callable[[dict], dict] | None = None,
     ) -> None:
         self.dataset, self.batch_size, self.sampler, self.collate = dataset, batch_size, sampler, collate
+        self.transform = transform
         self.num_workers, self.prefetch_factor = num_workers, prefetch_factor
         own = getattr(dataset, "bad", None)
         self.bad = own if isinstance(own, BadRows) else BadRows("training data", len(dataset), max_bad_fraction)
@@ -120,7 +127,7 @@ class PairLoader:
     def _open(self) -> Iterator:
         workers = self.num_workers
         loader = DataLoader(
-            _RowReader(self.dataset), batch_size=None, sampler=self.sampler, collate_fn=_as_read,
+            _RowReader(self.dataset, self.transform), batch_size=None, sampler=self.sampler, collate_fn=_as_read,
             num_workers=workers, prefetch_factor=self.prefetch_factor if workers else None,
             # its own generator: opening the loader leaves the global RNG alone
             generator=torch.Generator().manual_seed(self.sampler.seed),
