@@ -9,6 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from common.regularizer import RegularizerConfig
+from llmpost.logprobs import DEFAULT_CHUNK_SIZE
 from llmpost.rollout import GenerationConfig
 
 
@@ -49,7 +50,7 @@ class DapoConfig:
               "lr": ">0", "weight_decay": ">=0", "grad_clip": ">=0", "epochs": ">=1",
               "mini_batches": ">=1", "micro_batch_size": ">=0", "eps_low": "[0,1]", "eps_high": ">=0",
               "kl_coef": ">=0", "max_extra_rounds": ">=0", "overlong_buffer": ">=0",
-              "hard_probe_per_task": ">=1", "save_every": ">=1"}
+              "hard_probe_per_task": ">=1", "save_every": ">=1", "logprob_chunk_size": ">=1"}
     steps: int = 50
     prompts_per_step: int = 32  # groups per update, over all ranks
     group_size: int = 8
@@ -72,6 +73,7 @@ class DapoConfig:
     hard_examples: bool = False  # stage 3: keep prompts the model does not yet solve greedily
     hard_probe_per_task: int = 64
     save_every: int = 10
+    logprob_chunk_size: int = DEFAULT_CHUNK_SIZE  # response tokens per LM-head chunk
     generation: GenerationConfig = field(default_factory=GenerationConfig)
     # mix: general prompts join the rollout pool; projector: rollouts on the target only,
     # general references regularize the update (llmpost.dapo_regularized)
@@ -83,7 +85,8 @@ class DapoConfig:
 @dataclass
 class SftConfig:
     LIMITS = {"steps": ">=1", "batch_size": ">=1", "lr": ">0", "weight_decay": ">=0", "grad_clip": ">=0",
-              "general_fraction": "[0,1]", "max_length": ">=2", "save_every": ">=1"}
+              "general_fraction": "[0,1]", "max_length": ">=2", "save_every": ">=1",
+              "logprob_chunk_size": ">=1"}
     steps: int = 100
     batch_size: int = 32  # sequences per step, over all ranks
     lr: float = 1e-3
@@ -96,6 +99,7 @@ class SftConfig:
     packing: bool = False
     max_length: int = 256  # packed row length, or truncation length when padding
     save_every: int = 25
+    logprob_chunk_size: int = DEFAULT_CHUNK_SIZE  # label tokens per LM-head chunk
 
 
 @dataclass

@@ -119,7 +119,8 @@ def dapo_update(
                 ids, attn, mask = pack_right_padded(prompts, responses, pad_id)
                 device = next(model.parameters()).device
                 logp, ent = response_logprobs(model, ids.to(device), attn.to(device), mask,
-                                              temperature, with_entropy=True)
+                                              temperature, cfg.logprob_chunk_size,
+                                              with_entropy=True)
                 old_t = _scatter_tokens(old, mask, logp)
                 mask = mask.to(device) * weight
                 token_weights = None

@@ -181,7 +181,7 @@ def _mix_step(model, optimizer, examples_of, target, general, cfg: SftConfig, pa
     local_tokens = float((batch["labels"][:, 1:] != IGNORE).sum())
     denom = global_sum(local_tokens) / world
     optimizer.zero_grad(set_to_none=True)
-    loss = completion_loss(model, batch, denom)
+    loss = completion_loss(model, batch, denom, cfg.logprob_chunk_size)
     loss.backward()
     if cfg.grad_clip:
         torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)

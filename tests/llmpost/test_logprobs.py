@@ -110,6 +110,16 @@ def _head_only_grad(model, ids, attn, mask):
     return weight.grad
 
 
+def test_chunk_size_below_one_is_a_config_error_naming_the_key():
+    from common.config import load_config
+    from common.errors import ConfigError
+    from llmpost.config import PipelineConfig
+
+    for key in ("stage1.logprob_chunk_size", "stage2.logprob_chunk_size"):
+        with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
+            load_config(PipelineConfig, None, [f"{key}=0"])
+
+
 def test_bad_mask_shape_is_one_clear_error():
     model = _model(50)
     ids, attn, mask = _ragged_batch(50, 2, seed=4)
@@ -259,12 +269,11 @@ def measure_update_peak(mode: str, rows: int, response_len: int = 1024) -> dict[
     from llmpost import dapo_trainer
     from llmpost.config import DapoConfig
     from llmpost.dapo_trainer import PolicyBatch, dapo_update
-    from llmpost.logprobs import DEFAULT_CHUNK_SIZE
     from llmpost.rollout import token_logprobs
 
     if mode == "full":  # the update as it was: full logits at every position
         dapo_trainer.response_logprobs = (
-            lambda model, ids, attn, mask, temperature, with_entropy:
+            lambda model, ids, attn, mask, temperature, chunk_size, with_entropy:
             token_logprobs(model, ids, attn, temperature, with_entropy))
     torch.manual_seed(0)
     model = _model(QWEN3_VOCAB, layers=1, max_positions=2048)
@@ -283,7 +292,7 @@ def measure_update_peak(mode: str, rows: int, response_len: int = 1024) -> dict[
     baseline = current_memory_mb()
     update(prompts, responses)
     model_mb = sum(p.numel() * p.element_size() for p in model.parameters()) / 2**20
-    chunk_tokens = min(DEFAULT_CHUNK_SIZE, rows * response_len)
+    chunk_tokens = min(cfg.logprob_chunk_size, rows * response_len)
     return {"peak_mb": peak_memory_mb() - baseline, "model_mb": model_mb,
             "chunk_logits_mb": chunk_tokens * QWEN3_VOCAB * 4 / 2**20,
             "rows": rows, "response_len": response_len, "mode": mode}
