@@ -33,7 +33,10 @@ from torch.distributed.fsdp import FSDPModule
 from torch.utils.checkpoint import checkpoint
 
 DEFAULT_CHUNK_SIZE = 1024  # scored tokens per chunk: 622 MB of fp32 logits at V = 151,936
-ROW_BLOCK_BYTES = 1 << 20  # rows of a chunk handled at once: their scratch stays in cache
+# Rows of a chunk handled at once. CPU: their scratch stays in cache. GPU: few, large
+# kernels (a row at a time would launch thousands); the scratch stays well below a chunk.
+ROW_BLOCK_BYTES = {"cpu": 1 << 20}
+ROW_BLOCK_BYTES_ACCELERATOR = 128 << 20
 
 
 def response_logprobs(
@@ -205,7 +208,8 @@ def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
 
 def _row_blocks(logits: torch.Tensor) -> list[slice]:
     n, vocab = logits.shape
-    step = max(1, ROW_BLOCK_BYTES // (vocab * logits.element_size()))
+    budget = ROW_BLOCK_BYTES.get(logits.device.type, ROW_BLOCK_BYTES_ACCELERATOR)
+    step = max(1, budget // (vocab * logits.element_size()))
     return [slice(i, min(i + step, n)) for i in range(0, n, step)]
 
 

@@ -307,3 +307,34 @@ def test_raw_clip_training_encodes_on_the_gpu(tmp_path, offload):
     parked = {next(getattr(adapter.pipeline, n).parameters()).device.type
               for n in ("vae", "text_encoder", "image_encoder")}
     assert parked == ({"cpu"} if offload else {"cuda"})
+
+
+def test_chunked_logprobs_on_cuda_match_cpu_and_stay_near_one_chunk():
+    """bf16 and fp32 heads at Qwen3's vocabulary on the GPU: log-probs and gradients equal
+    the CPU float64 computation, and the LM-head part of the step stays under 2 chunks of
+    fp32 logits above what the body needs."""
+    from llmpost.logprobs import response_logprobs
+    from llmpost.rollout import pack_right_padded
+    from tests.llmpost.test_logprobs import QWEN3_VOCAB, _long_batch, _model
+
+    ids, attn_mask, mask = pack_right_padded(*_long_batch(4, 512), pad_id=0)
+    cpu = _model(QWEN3_VOCAB, layers=1, max_positions=1024).double()
+    logp_ref, _ = response_logprobs(cpu, ids, attn_mask, mask, chunk_size=256)
+    logp_ref.sum().backward()
+    for dtype, tol in [(torch.float32, 1e-4), (torch.bfloat16, 5e-2)]:
+        gpu = _model(QWEN3_VOCAB, layers=1, max_positions=1024).to("cuda", dtype)
+        args = (ids.cuda(), attn_mask.cuda(), mask.cuda())
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        start = torch.cuda.memory_allocated()
+        logp, _ = response_logprobs(gpu, *args, chunk_size=256)
+        logp.sum().backward()
+        peak = torch.cuda.max_memory_allocated() - start
+        torch.testing.assert_close(logp.double().cpu(), logp_ref.detach(), rtol=tol, atol=tol)
+        for (name, p), q in zip(cpu.named_parameters(), gpu.parameters()):
+            if dtype == torch.float32:  # bf16 gradients: only finite (bf16 sums drift)
+                torch.testing.assert_close(q.grad.double().cpu(), p.grad, rtol=tol, atol=tol,
+                                           msg=name)
+            assert torch.isfinite(q.grad).all(), name
+        model_bytes = sum(p.numel() * p.element_size() for p in gpu.parameters())
+        assert peak < 2 * 256 * QWEN3_VOCAB * 4 + 4 * model_bytes + (64 << 20), (dtype, peak)
