@@ -9,6 +9,7 @@ the sampling policy's token log-probs, its length and whether it was truncated a
 
 from __future__ import annotations
 
+import logging
 import os
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -225,6 +226,14 @@ def full_weights(model: torch.nn.Module, bucket_mib: float = 256.0
     yield from bucket
 
 
+class _RotaryReloadNotice(logging.Filter):
+    """Drops vLLM's "RotaryEmbedding: Failed to load weights" on every sync: the rotary
+    tables come from the config, not the checkpoint, and vLLM keeps its own (correct)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "RotaryEmbedding" not in record.getMessage()
+
+
 def _reload_engine_weights(worker: Any, weights: Iterator[tuple[str, torch.Tensor]]) -> None:
     """Runs on the engine's worker (`LLM.collective_rpc`): vLLM's supported in-place reload,
     which takes checkpoint-format tensors and packs qkv / gate_up and any kernel layout
@@ -256,6 +265,9 @@ class VLLMRollout:
     def __init__(self, model_path: str, tokenizer: Any, config: GenerationConfig,
                  **engine_kwargs: Any) -> None:
         os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
+        os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")  # the trainer's bars stay readable
+        logging.getLogger("vllm.model_executor.model_loader.reload.layerwise").addFilter(
+            _RotaryReloadNotice())
         try:
             from vllm import LLM
         except ImportError as err:
