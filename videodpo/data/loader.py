@@ -18,6 +18,7 @@ torchdata's `StatefulDataLoader` offers, built from torch alone.
 
 from __future__ import annotations
 
+import multiprocessing
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -126,9 +127,13 @@ class PairLoader:
 
     def _open(self) -> Iterator:
         workers = self.num_workers
+        # fork: workers share the dataset and the encoders copy-on-write; spawn would
+        # pickle them (and cannot pickle a model FSDP has wrapped)
+        context = "fork" if workers and "fork" in multiprocessing.get_all_start_methods() else None
         loader = DataLoader(
             _RowReader(self.dataset, self.transform), batch_size=None, sampler=self.sampler, collate_fn=_as_read,
             num_workers=workers, prefetch_factor=self.prefetch_factor if workers else None,
+            multiprocessing_context=context,
             # its own generator: opening the loader leaves the global RNG alone
             generator=torch.Generator().manual_seed(self.sampler.seed),
         )
