@@ -1,4 +1,10 @@
-"""Step time and peak memory of the DataRegularizer paths against a plain SFT step.
+"""Step time and peak memory of the DataRegularizer paths against plain steps.
+
+Cases (`--cases`): `sft`, the SFT loss on a Qwen3 (below); `dapo`, the DAPO projector step
+against a plain DAPO update on the same rollout batch; `regdpo`, the Reg-DPO projector step
+against a plain Reg-DPO step on the tiny Wan; `video-tokens`, the ghost path's choices
+(ghost_pairs auto / ghost, sketch) on Wan at growing video token counts. Ratios are medians
+over `--repeats` alternating runs (use >= 5).
 
 For a tiny Qwen3 and a ~50M-parameter Qwen3 on the CPU, and n general samples per step,
 each path (materialized, ghost, sketch; layer granularity, plus ghost with model
@@ -123,6 +129,122 @@ def bench_model(name: str, ns: list[int], args: argparse.Namespace) -> list[dict
     return rows
 
 
+def alternate(steps: dict, repeats: int) -> dict[str, list[float]]:
+    """Seconds of each step, run in turn `repeats` times after one warm-up each."""
+    for fn in steps.values():
+        fn()
+    times: dict[str, list[float]] = {k: [] for k in steps}
+    for _ in range(repeats):
+        for k, fn in steps.items():
+            start = time.perf_counter()
+            fn()
+            times[k].append(time.perf_counter() - start)
+    return times
+
+
+def ratio_rows(case: str, n: int, times: dict[str, list[float]], base: str, **extra) -> list[dict]:
+    rows = []
+    for k, ts in times.items():
+        ratios = [t / b for t, b in zip(ts, times[base])]
+        rows.append(dict(model=case, n=n, path=k, seconds=statistics.median(ts),
+                         time_ratio=statistics.median(ratios), peak_mib=0.0, mem_ratio=1.0,
+                         repeats=len(ts), **extra))
+        print(f"{case:12s} n={n:2d} {k:22s} {rows[-1]['seconds']:.3f}s x{rows[-1]['time_ratio']:.2f}",
+              flush=True)
+    return rows
+
+
+def bench_dapo(n: int, args: argparse.Namespace) -> list[dict]:
+    """The DAPO projector step (ghost, layer-wise subset) against a plain DAPO update on the
+    same rollout batch (llmpost.dapo_trainer.dapo_update), tiny Qwen3 of the demo's size."""
+    import random
+
+    from llmpost.config import DapoConfig
+    from llmpost.dapo_regularized import DapoSampleLoss, target_batch
+    from llmpost.dapo_trainer import PolicyBatch, dapo_update
+    from llmpost.model import tiny_qwen3
+    from llmpost.policy import untie_embeddings
+
+    vocab = 256
+    model = untie_embeddings(tiny_qwen3(vocab, hidden_size=128, num_layers=2, num_heads=4,
+                                        num_kv_heads=2, intermediate_size=256))
+    rng = random.Random(0)
+    b = args.dapo_batch
+    prompts = [[rng.randrange(2, vocab) for _ in range(12)] for _ in range(b)]
+    responses = [[rng.randrange(2, vocab) for _ in range(rng.randint(4, 16))] for _ in range(b)]
+    old = [[-3.0 + rng.random() for _ in r] for r in responses]
+    batch = PolicyBatch(prompts, responses, old, torch.randn(b), ["t"] * b)
+    ids = torch.randint(2, vocab, (n, 24))
+    labels = ids.clone()
+    labels[:, :12] = -100
+    general = {"input_ids": ids, "labels": labels, "attention_mask": torch.ones_like(ids)}
+    cfg = DapoConfig(grad_clip=1.0)
+    opt = torch.optim.SGD(model.parameters(), lr=0.0)
+    reg = DataRegularizer(model, RegularizerConfig(feasible="subset", n_general=n, path="ghost"))
+    loss_fn = DapoSampleLoss(cfg)
+
+    def projector():
+        opt.zero_grad(set_to_none=True)
+        reg.step(loss_fn, target_batch(batch, 0), general)
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+
+    def plain_with_general():  # the same forwards and backwards, one mixed loss
+        opt.zero_grad(set_to_none=True)
+        (loss_fn(model, target_batch(batch, 0)).mean() + loss_fn(model, general).mean()).backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+
+    times = alternate({"plain DAPO update": lambda: dapo_update(model, opt, batch, cfg, 0),
+                       "plain + general NLL": plain_with_general,
+                       "projector (ghost)": projector}, args.repeats)
+    return ratio_rows("dapo", n, times, "plain DAPO update", target_batch=b)
+
+
+def _wan_state(n: int, frames: int, size: int, path: str, ghost_pairs: str, mode: str):
+    from videodpo.config import RunConfig
+    from videodpo.models.tiny import build_pixel_adapter
+    from videodpo.trainer import build_training_state
+
+    cfg = RunConfig(out_dir="/tmp/unused")
+    cfg.optim.lr = 1e-5
+    cfg.regularizer.mode, cfg.regularizer.general_cache = mode, "in-memory"
+    cfg.regularizer.projector = RegularizerConfig(feasible="subset", n_general=n, path=path,
+                                                  ghost_pairs=ghost_pairs, sketch_dim=64,
+                                                  sketch_min_numel=1 << 12)
+    adapter = build_pixel_adapter("wan", "t2v", seed=0, height=size, width=size, num_frames=frames)
+    return cfg, build_training_state(cfg, adapter)
+
+
+def bench_regdpo(n: int, args: argparse.Namespace, frames: int, size: int, variants: dict,
+                 case: str) -> list[dict]:
+    """Reg-DPO projector steps on the tiny Wan against a plain Reg-DPO step (batch of
+    `--video-pairs` pairs of frames x size x size clips, n general clips)."""
+    from videodpo.regularized_step import (
+        GeneralClips,
+        build_video_regularizer,
+        general_training_step,
+    )
+    from videodpo.trainer import random_pair_batch, training_step
+
+    cfg, plain = _wan_state(n, frames, size, "ghost", "auto", "off")
+    batch = random_pair_batch(plain.adapter, args.video_pairs, frames, size, size)
+    clips = GeneralClips([{"clip": c, "text": t} for c, t in
+                          zip(batch.chosen.repeat(n, 1, 1, 1, 1)[:n],
+                              batch.cond["text"].repeat(n, 1, 1)[:n])], "bench")
+    steps = {"plain Reg-DPO step": lambda: training_step(plain, [batch])}
+    if case == "regdpo":  # the same forwards and backwards, one mixed loss
+        _, mixed = _wan_state(n, frames, size, "ghost", "auto", "mix")
+        steps["plain + general (mix)"] = lambda: general_training_step(mixed, [batch], clips, None)
+    for name, (path, pairs) in variants.items():
+        _, state = _wan_state(n, frames, size, path, pairs, "projector")
+        reg = build_video_regularizer(state)
+        steps[name] = (lambda s=state, r=reg: general_training_step(s, [batch], clips, r))
+    tokens = frames * (size // 2) * (size // 2)
+    times = alternate(steps, args.repeats)
+    return ratio_rows(case, n, times, "plain Reg-DPO step", tokens_per_clip=tokens)
+
+
 def write_outputs(rows: list[dict], out: Path) -> None:
     out.mkdir(parents=True, exist_ok=True)
     (out / "bench.json").write_text(json.dumps(rows, indent=1))
@@ -173,12 +295,34 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--materialized-max-gb", type=float, default=2.5)
+    parser.add_argument("--cases", default="sft,dapo,regdpo,video-tokens",
+                        help="sft (the models above), dapo, regdpo (tiny Wan), video-tokens "
+                             "(ghost_pairs auto / ghost / sketch on Wan at video token counts)")
+    parser.add_argument("--dapo-batch", type=int, default=64, help="sequences per DAPO update")
+    parser.add_argument("--video-pairs", type=int, default=2)
+    parser.add_argument("--video-tokens", default="8x16,8x32",
+                        help="frames x size of the video-tokens case (tokens = frames * size^2 / 4)")
     args = parser.parse_args(argv)
     args.paths = args.paths.split(",")
     torch.set_num_threads(args.threads)
+    cases = args.cases.split(",")
+    ns = [int(x) for x in args.n.split(",")]
     rows = []
-    for name in args.models.split(","):
-        rows += bench_model(name, [int(x) for x in args.n.split(",")], args)
+    if "sft" in cases:
+        for name in args.models.split(","):
+            rows += bench_model(name, ns, args)
+    if "dapo" in cases:
+        for n in ns:
+            rows += bench_dapo(n, args)
+    if "regdpo" in cases:
+        for n in ns:
+            rows += bench_regdpo(n, args, 8, 16, {"projector (ghost)": ("ghost", "auto")}, "regdpo")
+    if "video-tokens" in cases:
+        variants = {"ghost_pairs=auto": ("ghost", "auto"), "ghost_pairs=ghost": ("ghost", "ghost"),
+                    "sketch": ("sketch", "ghost")}
+        for spec in args.video_tokens.split(","):
+            frames, size = (int(x) for x in spec.split("x"))
+            rows += bench_regdpo(4, args, frames, size, variants, f"wan {spec}")
     write_outputs(rows, Path(args.out))
     return 0
 

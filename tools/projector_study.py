@@ -10,6 +10,10 @@ best held-out target loss, how much it rose from its best, general loss) and
 `study.png` (curves), whatever the numbers turn out to be.
 
     python tools/projector_study.py --out runs/projector_study [--seeds 5] [--steps 400]
+
+`--track llm` (tools/projector_study_llm.py: stage-1 DAPO mix / projector / target only)
+and `--track video` (tools/projector_study_video.py: Reg-DPO with general clips mixed /
+projected / none) run the trainers' studies; `--track toy` (the default) is the above.
 """
 
 from __future__ import annotations
@@ -171,6 +175,19 @@ def write_outputs(results: list[dict], rows: list[dict], args: argparse.Namespac
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if "--track" in argv:  # llm / video: the trainers' studies, in their own modules
+        i = argv.index("--track")
+        track, rest = argv[i + 1], argv[:i] + argv[i + 2:]
+        if track == "llm":
+            from tools.projector_study_llm import main as track_main
+        elif track == "video":
+            from tools.projector_study_video import main as track_main
+        elif track == "toy":
+            return main(rest)
+        else:
+            raise SystemExit(f"--track: expected toy, llm or video, got {track!r}")
+        return track_main(rest)
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--out", default="runs/projector_study")
     parser.add_argument("--seeds", type=int, default=5)
