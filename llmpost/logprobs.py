@@ -74,12 +74,10 @@ def response_logprobs(
         targets = input_ids[:, 1:]
     scored_targets = targets.to(hidden.device)[mask]
     scored_hidden = hidden[:, :-1][mask]  # (N, D): the only positions that reach the head
-    try:
-        logp, entropy = chunked_logprobs(head, scored_hidden, scored_targets, temperature,
-                                         chunk_size, with_entropy)
-    finally:
-        if isinstance(model, FSDPModule) and not scored_hidden.requires_grad:
-            model.reshard()  # no backward will come to reshard the root
+    logp, entropy = chunked_logprobs(head, scored_hidden, scored_targets, temperature,
+                                     chunk_size, with_entropy)
+    if isinstance(model, FSDPModule) and not logp.requires_grad:
+        model.reshard()  # no backward will come to reshard the root
     dense_logp = logp.new_zeros(batch, seq - 1).masked_scatter(mask, logp)
     dense_entropy = None
     if entropy is not None:
