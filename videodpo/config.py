@@ -49,6 +49,7 @@ class LoraConfig:
     alpha: int = 16
     dropout: float = 0.0
     target_modules: list[str] = field(default_factory=lambda: ["to_q", "to_k", "to_v", "to_out.0"])
+    export_format: str = "diffusers"  # diffusers | original (Wan layout: ComfyUI, Wan repo) | both
 
 
 @dataclass

@@ -50,6 +50,15 @@ def load_for_sampling(cfg: RunConfig) -> VideoModelAdapter:
     if (path / LORA_FILE).is_file():
         adapter.transformer.load_lora_adapter(path / LORA_FILE, prefix="transformer")
         return adapter
+    from videodpo.models.wan import ORIGINAL_LORA_FILE
+
+    if (path / ORIGINAL_LORA_FILE).is_file():  # lora.export_format: original (diffusers converts it)
+        import diffusers
+
+        pipeline_class = getattr(diffusers, adapter.pipeline_classes[adapter.task])
+        lora = pipeline_class.lora_state_dict(str(path / ORIGINAL_LORA_FILE))
+        adapter.transformer.load_lora_adapter(lora[0] if isinstance(lora, tuple) else lora, prefix="transformer")
+        return adapter
     if not path.is_dir():
         raise ConfigError(f"sample.checkpoint: {path} is not a model, LoRA or checkpoint directory")
     from common.checkpoint import Checkpointer

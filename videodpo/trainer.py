@@ -192,6 +192,8 @@ def validate_config(cfg: RunConfig) -> None:
         raise ConfigError("parallel.pair=2 needs a preference loss (dpo or reg_dpo): SFT has one sample")
     if cfg.train.mixed_precision not in ("no", "bf16"):
         raise ConfigError(f"train.mixed_precision must be 'no' or 'bf16', got {cfg.train.mixed_precision!r}")
+    if cfg.lora.export_format not in ("diffusers", "original", "both"):
+        raise ConfigError(f"lora.export_format must be diffusers, original or both, got {cfg.lora.export_format!r}")
     if cfg.train.grad_accum < 1 or cfg.train.batch_size < 1:
         raise ConfigError("train.grad_accum and train.batch_size must be >= 1")
     from videodpo.regularized_step import check_regularizer
@@ -235,6 +237,8 @@ def build_training_state(cfg: RunConfig, adapter: VideoModelAdapter | None = Non
     reference = None
     if cfg.lora.enabled:
         _add_lora(policy, cfg)
+        lora_modules = sorted({n.split(".lora_A.")[0] for n, _ in policy.named_parameters() if ".lora_A." in n})
+        adapter.check_lora_export(cfg.lora.export_format, lora_modules)
     elif cfg.loss.kind != "sft":
         reference = transformer_skeleton(type(policy), policy.config, adapter.dtype).requires_grad_(False)
     _place_model(layout, cfg, policy, weights, trainable=True)
@@ -447,7 +451,8 @@ def export_model(state: TrainingState, out_dir: Path) -> Path:
         from peft.utils import get_peft_model_state_dict
 
         sd = get_peft_model_state_dict(state.policy, state_dict=full)
-        return state.adapter.save_lora(out_dir, sd)
+        metadata = state.policy.peft_config["default"].to_dict()  # lora_alpha: the loaded scale
+        return state.adapter.save_lora(out_dir, sd, metadata, state.cfg.lora.export_format)
     model = state.policy
     if full is not None:
         model = type(state.adapter).transformer_class.from_config(state.policy.config)

@@ -89,3 +89,64 @@ def test_original_to_diffusers_to_original_is_the_identity(tmp_path):
 def test_a_target_without_an_original_name_is_refused():
     with pytest.raises(ConfigError, match="patch_embedding"):
         to_original_wan_layout({"patch_embedding.lora_A.weight": torch.zeros(2, 3)}, 2, 2)
+
+
+def test_trainer_exports_both_layouts_that_reproduce_the_trained_model(tmp_path):
+    """A LoRA trained with alpha != rank, `lora.export_format: both`: diffusers' file (with
+    its adapter metadata) and the original-layout file each load into the pipeline and
+    reproduce the trained transformer; `sample` reads an original-only export."""
+    from videodpo.config import RunConfig
+    from videodpo.models import load_adapter
+    from videodpo.models.wan import ORIGINAL_LORA_FILE
+    from videodpo.sample import load_for_sampling
+    from videodpo.trainer import train
+
+    model_dir = build_tiny_wan_pipeline(tmp_path / "wan", "t2v")
+    g = torch.Generator().manual_seed(0)
+    pairs = []
+    for i in range(2):
+        chosen = torch.rand(3, 5, 32, 32, generator=g) * 2 - 1
+        pairs.append({"chosen": chosen, "rejected": chosen.flip(-1), "caption": f"a square {i}"})
+    cfg = RunConfig(out_dir=str(tmp_path / "run"))
+    cfg.model.path = str(model_dir)
+    cfg.loss.kind, cfg.loss.beta = "reg_dpo", 100.0
+    cfg.lora.enabled, cfg.lora.rank, cfg.lora.alpha = True, 4, 8
+    cfg.lora.target_modules = ["to_q", "to_v", "net.2"]
+    cfg.lora.export_format = "both"
+    cfg.optim.lr, cfg.train.steps, cfg.train.batch_size = 5e-2, 2, 2
+    adapter = load_adapter(model_dir)
+    export = train(cfg, dataset=pairs, adapter=adapter).export_dir
+    assert (export / "pytorch_lora_weights.safetensors").is_file()
+    assert (export / ORIGINAL_LORA_FILE).is_file()
+
+    want = _run(WanPipeline.from_pretrained(model_dir, transformer=adapter.transformer))
+    assert not torch.allclose(_run(WanPipeline.from_pretrained(model_dir)), want, atol=1e-4)
+    from_diffusers = WanPipeline.from_pretrained(model_dir)
+    from_diffusers.load_lora_weights(str(export))  # picks diffusers' file of the two
+    torch.testing.assert_close(_run(from_diffusers), want, rtol=1e-5, atol=1e-5)
+    from_original = WanPipeline.from_pretrained(model_dir)
+    from_original.load_lora_weights(str(export / ORIGINAL_LORA_FILE))
+    torch.testing.assert_close(_run(from_original), want, rtol=1e-5, atol=1e-5)
+
+    # an original-only export is what `videodpo sample` then finds and applies
+    (export / "pytorch_lora_weights.safetensors").unlink()
+    cfg.sample.checkpoint = ""
+    sampled = load_for_sampling(cfg)
+    torch.testing.assert_close(_run(WanPipeline.from_pretrained(model_dir, transformer=sampled.transformer)),
+                               want, rtol=1e-5, atol=1e-5)
+
+
+def test_export_format_is_checked_before_training(tmp_path):
+    from videodpo.config import RunConfig
+    from videodpo.models import load_adapter
+    from videodpo.trainer import build_training_state
+
+    model_dir = build_tiny_wan_pipeline(tmp_path / "wan", "t2v")
+    cfg = RunConfig(out_dir=str(tmp_path / "run"))
+    cfg.lora.enabled, cfg.lora.rank, cfg.lora.alpha = True, 2, 2
+    cfg.lora.export_format = "comfy"
+    with pytest.raises(ConfigError, match="lora.export_format"):
+        build_training_state(cfg, load_adapter(model_dir))
+    cfg.lora.export_format, cfg.lora.target_modules = "original", ["to_q", "patch_embedding"]
+    with pytest.raises(ConfigError, match="patch_embedding"):
+        build_training_state(cfg, load_adapter(model_dir))

@@ -37,6 +37,7 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
+from common.errors import ConfigError
 from videodpo.losses import DiffusionObjective
 
 Conditions = dict[str, torch.Tensor]
@@ -243,12 +244,26 @@ class VideoModelAdapter(ABC):
             pipe.save_pretrained(out_dir)
         return out_dir
 
-    def save_lora(self, out_dir: str | Path, lora_state_dict: dict[str, torch.Tensor]) -> Path:
-        """LoRA weights in diffusers format, loadable with `pipe.load_lora_weights(out_dir)`."""
+    lora_export_formats: tuple[str, ...] = ("diffusers",)  # `lora.export_format` values
+
+    def check_lora_export(self, export_format: str, lora_modules: list[str]) -> None:
+        """Refuse (ConfigError) an export layout this family cannot write for these LoRA
+        target modules (transformer-relative names), before training starts."""
+        if export_format not in self.lora_export_formats:
+            raise ConfigError(f"lora.export_format: {export_format!r} is not written for {self.family} "
+                              f"models; use one of {list(self.lora_export_formats)}")
+
+    def save_lora(self, out_dir: str | Path, lora_state_dict: dict[str, torch.Tensor],
+                  adapter_metadata: dict | None = None, export_format: str = "diffusers") -> Path:
+        """LoRA weights in diffusers format, loadable with `pipe.load_lora_weights(out_dir)`.
+        `adapter_metadata` is the peft `LoraConfig.to_dict()`: without it a loader cannot
+        know `lora_alpha` and applies the wrong scale when alpha != rank."""
         import diffusers
 
+        self.check_lora_export(export_format, [])
         out_dir = Path(out_dir)
-        getattr(diffusers, self.pipeline_classes[self.task]).save_lora_weights(out_dir, transformer_lora_layers=lora_state_dict)
+        getattr(diffusers, self.pipeline_classes[self.task]).save_lora_weights(
+            out_dir, transformer_lora_layers=lora_state_dict, transformer_lora_adapter_metadata=adapter_metadata)
         return out_dir
 
 

@@ -69,6 +69,13 @@ def _original_module(module: str) -> str:
     )
 
 
+def check_original_wan_modules(modules: list[str]) -> None:
+    """ConfigError unless every LoRA target module (transformer-relative, e.g.
+    `blocks.0.attn1.to_q`) has a name in the original Wan layout."""
+    for module in modules:
+        _original_module(module)
+
+
 def to_original_wan_layout(
     lora_state_dict: dict[str, torch.Tensor], rank: int, alpha: float
 ) -> dict[str, torch.Tensor]:

@@ -5,16 +5,25 @@ Flow matching: x_t = (1 - sigma) x0 + sigma eps, the transformer sees
 noisy latent a frame mask (one channel per frame the VAE folds into a latent frame)
 and the VAE latent of the first frame followed by black frames, as
 `WanImageToVideoPipeline` does; Wan2.1 I2V also cross-attends to CLIP image tokens.
+
+A trained LoRA is exported in diffusers' layout, the original Wan layout that ComfyUI
+and the Wan repository load (`videodpo.models.lora_format`), or both (`lora.export_format`).
 """
 
 from __future__ import annotations
+
+from pathlib import Path
 
 import torch
 from diffusers import WanTransformer3DModel
 from torch import nn
 
+from common.errors import ConfigError
 from videodpo.models.base import Conditions, VideoModelAdapter
 from videodpo.models.cp_plans import WAN_CP_PLAN
+from videodpo.models.lora_format import check_original_wan_modules, save_original_wan_lora
+
+ORIGINAL_LORA_FILE = "wan_lora_original.safetensors"  # beside diffusers' file in the export folder
 
 
 class WanAdapter(VideoModelAdapter):
@@ -22,6 +31,30 @@ class WanAdapter(VideoModelAdapter):
     transformer_class = WanTransformer3DModel
     pipeline_classes = {"t2v": "WanPipeline", "i2v": "WanImageToVideoPipeline"}
     cp_plan = WAN_CP_PLAN  # context parallelism, applied by common.cp_plans
+    lora_export_formats = ("diffusers", "original", "both")
+
+    def check_lora_export(self, export_format: str, lora_modules: list[str]) -> None:
+        super().check_lora_export(export_format, lora_modules)
+        if export_format != "diffusers":
+            check_original_wan_modules(lora_modules)
+
+    def save_lora(self, out_dir: str | Path, lora_state_dict: dict[str, torch.Tensor],
+                  adapter_metadata: dict | None = None, export_format: str = "diffusers") -> Path:
+        """`export_format` diffusers: diffusers' file; original: `ORIGINAL_LORA_FILE` (its
+        scale baked in, so it needs no metadata); both: the two files in `out_dir`
+        (`pipe.load_lora_weights(out_dir)` picks diffusers' one)."""
+        self.check_lora_export(export_format, [])
+        out_dir = Path(out_dir)
+        if export_format in ("diffusers", "both"):
+            super().save_lora(out_dir, lora_state_dict, adapter_metadata)
+        if export_format in ("original", "both"):
+            meta = adapter_metadata or {}
+            rank, alpha = meta.get("r"), meta.get("lora_alpha")
+            if rank is None or alpha is None or meta.get("rank_pattern") or meta.get("alpha_pattern"):
+                raise ConfigError("lora.export_format: the original Wan layout needs one LoRA rank and "
+                                  "alpha for all modules (adapter metadata with r and lora_alpha)")
+            save_original_wan_lora(out_dir / ORIGINAL_LORA_FILE, lora_state_dict, rank, alpha)
+        return out_dir
 
     def _latent_stats(self, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         cfg = self.vae.config
