@@ -349,6 +349,7 @@ class VLLMRollout:
             n=n, temperature=0.0 if greedy else cfg.temperature,
             top_p=1.0 if greedy else cfg.top_p, max_tokens=cfg.max_new_tokens,
             stop=cfg.stop_strings or None, include_stop_str_in_output=True, logprobs=0,
+            detokenize=bool(cfg.stop_strings),  # texts come from our tokenizer; stops need it
             seed=None if seed is None else (seed + k * n) % 2**62,
         ) for k in range(len(requests))]
         if self.asleep:
