@@ -156,3 +156,43 @@ def build_tiny_cogvideox_pipeline(out_dir: str | Path, task: str = "t2v", seed: 
     out_dir = Path(out_dir)
     pipe.save_pretrained(out_dir)
     return out_dir
+
+
+def tiny_wan22_vae():
+    """Wan2.2's VAE layout: 48 latent channels, residual blocks, pixel patch 2 (16x spatial)."""
+    from diffusers import AutoencoderKLWan
+
+    g = torch.Generator().manual_seed(0)
+    return AutoencoderKLWan(
+        base_dim=8, decoder_base_dim=8, z_dim=48, num_res_blocks=1, is_residual=True,
+        in_channels=12, out_channels=12, patch_size=2, scale_factor_spatial=16,
+        scale_factor_temporal=4, latents_mean=(torch.randn(48, generator=g) * 0.1).tolist(),
+        latents_std=(1 + torch.rand(48, generator=g)).tolist(),
+    ).eval()  # fmt: skip
+
+
+def build_tiny_wan22_pipeline(out_dir: str | Path, kind: str = "ti2v_5b", seed: int = 0) -> Path:
+    """Save a random tiny Wan2.2 pipeline: `ti2v_5b` (`WanPipeline`, 48-channel VAE,
+    `expand_timesteps`; sizes multiples of 32) or `a14b` (two 2-layer experts split at
+    `boundary_ratio` 0.875, the Wan2.1 VAE)."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, WanPipeline, WanTransformer3DModel
+
+    torch.manual_seed(seed)
+    tokenizer = tiny_tokenizer()
+    parts = dict(tokenizer=tokenizer, text_encoder=tiny_text_encoder(len(tokenizer)),
+                 scheduler=FlowMatchEulerDiscreteScheduler(shift=5.0))
+    if kind == "ti2v_5b":
+        transformer = WanTransformer3DModel(
+            patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=16, in_channels=48,
+            out_channels=48, text_dim=TEXT_DIM, freq_dim=32, ffn_dim=64, num_layers=2,
+            rope_max_seq_len=64,
+        ).eval()  # fmt: skip
+        pipe = WanPipeline(transformer=transformer, vae=tiny_wan22_vae(), expand_timesteps=True, **parts)
+    elif kind == "a14b":
+        pipe = WanPipeline(transformer=tiny_wan_transformer("t2v"), transformer_2=tiny_wan_transformer("t2v"),
+                           vae=tiny_wan_vae(), boundary_ratio=0.875, **parts)
+    else:
+        raise ValueError(f"kind must be ti2v_5b or a14b, got {kind!r}")
+    out_dir = Path(out_dir)
+    pipe.save_pretrained(out_dir)
+    return out_dir

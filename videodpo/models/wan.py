@@ -6,13 +6,22 @@ noisy latent a frame mask (one channel per frame the VAE folds into a latent fra
 and the VAE latent of the first frame followed by black frames, as
 `WanImageToVideoPipeline` does; Wan2.1 I2V also cross-attends to CLIP image tokens.
 
+Wan2.2 TI2V-5B as text-to-video (`WanPipeline` with `expand_timesteps`, the 48-channel
+`AutoencoderKLWan`, 16x spatial) is this same adapter: with no image every token's
+timestep is t, so the scalar timestep the trainer passes is the per-token one the
+pipeline builds. Still refused on load (`check_supported`): the two-expert A14B layout
+(`transformer_2`, `boundary_ratio`) and TI2V image conditioning (`expand_timesteps` with
+`WanImageToVideoPipeline`, first latent frame at t = 0).
+
 A trained LoRA is exported in diffusers' layout, the original Wan layout that ComfyUI
 and the Wan repository load (`videodpo.models.lora_format`), or both (`lora.export_format`).
 """
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
+from typing import Any
 
 import torch
 from diffusers import WanTransformer3DModel
@@ -32,6 +41,26 @@ class WanAdapter(VideoModelAdapter):
     pipeline_classes = {"t2v": "WanPipeline", "i2v": "WanImageToVideoPipeline"}
     cp_plan = WAN_CP_PLAN  # context parallelism, applied by common.cp_plans
     lora_export_formats = ("diffusers", "original", "both")
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.check_supported()
+
+    def check_supported(self) -> None:
+        """ConfigError for Wan2.2 layouts training would get wrong: a second expert it
+        would ignore, or TI2V image conditioning it does not build."""
+        index = None if self.model_dir is None else self.model_dir / "model_index.json"
+        if index is None or not index.is_file():
+            return
+        config = json.loads(index.read_text())
+        second = config.get("transformer_2")
+        if (second and any(second)) or config.get("boundary_ratio") is not None:
+            raise ConfigError(f"{index}: Wan2.2 two-expert models (transformer_2, boundary_ratio) are not "
+                              "supported yet: training would tune `transformer` for every t")
+        if config.get("expand_timesteps") and self.task == "i2v":
+            raise ConfigError(f"{index}: Wan2.2 TI2V image conditioning (expand_timesteps with "
+                              f"{config.get('_class_name')}) is not supported yet; save the model as "
+                              "WanPipeline for text-to-video")
 
     def check_lora_export(self, export_format: str, lora_modules: list[str]) -> None:
         super().check_lora_export(export_format, lora_modules)
