@@ -158,6 +158,8 @@ def projector_update(
         for mb_index in _split(len(batch), cfg.mini_batches):
             mine = batch.select(mb_index)
             whole, own = gather_policy_batch(mine)
+            if len(whole) == 0:  # an empty mini-batch on every rank: nothing to project
+                continue
             optimizer.zero_grad(set_to_none=True)
             step = regularizer.step(loss_fn, target_batch(whole, pad_id), draw_general(index))
             index += 1
