@@ -56,6 +56,8 @@ if str(ROOT) not in sys.path:  # run as `python tools/memory_bench.py`
 from tools.memory_estimator import (  # noqa: E402
     WAN21_I2V_14B,
     WAN21_T2V_1_3B,
+    WAN22_T2V_A14B_EXPERT,
+    WAN22_TI2V_5B,
     Layout,
     ModelDims,
     Precision,
@@ -68,7 +70,8 @@ from tools.memory_estimator import (  # noqa: E402
 MB = 2.0**20
 MEASURE_ATTEMPTS = 3  # a step that hit major page faults is measured again, up to this often
 DEFAULT_CONFIG = ROOT / "configs" / "bench" / "wan_tiny.yaml"
-REAL_MODELS = {"Wan2.1-T2V-1.3B": WAN21_T2V_1_3B, "Wan2.1-I2V-14B": WAN21_I2V_14B}
+REAL_MODELS = {"Wan2.1-T2V-1.3B": WAN21_T2V_1_3B, "Wan2.1-I2V-14B": WAN21_I2V_14B,
+               "Wan2.2-TI2V-5B": WAN22_TI2V_5B, "Wan2.2-T2V-A14B (one expert)": WAN22_T2V_A14B_EXPERT}
 
 
 # ---- configuration ------------------------------------------------------------------
@@ -444,7 +447,7 @@ def estimate_table(cfg: EstimateConfig) -> list[dict[str, Any]]:
     budget = cfg.budget_gb * 2.0**30
     for model_name, dims in REAL_MODELS.items():
         for res in cfg.resolutions:
-            hw = latent_size(res)
+            hw = latent_size(res, dims.vae_spatial)
             for layout in cfg.layouts:
                 if layout.cp_mode == "ulysses" and layout.cp > 1 and dims.num_heads % layout.cp:
                     rows.append({"model": model_name, "resolution": res, "layout": layout.name,

@@ -100,6 +100,7 @@ class ModelDims:
     freq_dim: int = 256
     image_dim: int | None = None  # I2V: CLIP image-embedding width
     image_len: int = 0  # I2V: image-context tokens (257 for Wan2.1 I2V)
+    vae_spatial: int = 8  # the VAE's spatial factor (Wan2.2 TI2V-5B's 48-channel VAE: 16)
 
     @property
     def hidden(self) -> int:
@@ -134,6 +135,12 @@ WAN21_T2V_1_3B = ModelDims(num_layers=30, num_heads=12, head_dim=128, ffn_dim=89
 WAN21_I2V_14B = ModelDims(
     num_layers=40, num_heads=40, head_dim=128, ffn_dim=13824, in_channels=36, image_dim=1280, image_len=257
 )
+# Wan2.2 (Wan-AI/Wan2.2-*-Diffusers): TI2V-5B, one transformer on the 48-channel VAE (16x
+# in space); T2V-A14B, two experts of this size (transformer / transformer_2), one trained
+# per step on the t it draws, so a rank holds one expert's state (training both: twice it).
+WAN22_TI2V_5B = ModelDims(num_layers=30, num_heads=24, head_dim=128, ffn_dim=14336, in_channels=48,
+                          out_channels=48, vae_spatial=16)
+WAN22_T2V_A14B_EXPERT = ModelDims(num_layers=40, num_heads=40, head_dim=128, ffn_dim=13824)
 # Latent size per resolution: Wan's VAE downsamples 8x in space and 4x in time.
 RESOLUTIONS = {"480p": (480, 832), "720p": (720, 1280)}
 VAE_SPATIAL = 8
@@ -394,10 +401,10 @@ def max_frames_estimate(
     return lo
 
 
-def latent_size(resolution: str | tuple[int, int]) -> tuple[int, int]:
+def latent_size(resolution: str | tuple[int, int], vae_spatial: int = VAE_SPATIAL) -> tuple[int, int]:
     """(height, width) of the latent for a named resolution or a pixel (H, W)."""
     h, w = RESOLUTIONS[resolution] if isinstance(resolution, str) else resolution
-    return math.ceil(h / VAE_SPATIAL), math.ceil(w / VAE_SPATIAL)
+    return math.ceil(h / vae_spatial), math.ceil(w / vae_spatial)
 
 
 def with_layers(dims: ModelDims, num_layers: int) -> ModelDims:

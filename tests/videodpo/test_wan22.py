@@ -87,3 +87,33 @@ def test_wan22_a14b_two_experts_are_refused_until_supported(tmp_path):
     model_dir = build_tiny_wan22_pipeline(tmp_path / "a14b", "a14b")
     with pytest.raises(ConfigError, match="transformer_2"):
         load_adapter(model_dir)
+
+
+def test_memory_estimator_rows_for_wan22(ti2v_dir):
+    from tools.memory_estimator import (
+        WAN22_T2V_A14B_EXPERT,
+        WAN22_TI2V_5B,
+        ModelDims,
+        latent_size,
+        param_count,
+    )
+
+    transformer = WanPipeline.from_pretrained(ti2v_dir).transformer  # 48 channels in and out
+    assert param_count(ModelDims.from_wan_config(dict(transformer.config))) == sum(
+        p.numel() for p in transformer.parameters())
+    assert abs(param_count(WAN22_TI2V_5B) / 5.0e9 - 1) < 0.01  # the published sizes
+    assert abs(param_count(WAN22_T2V_A14B_EXPERT) / 14.3e9 - 1) < 0.01
+    assert latent_size((704, 1280), WAN22_TI2V_5B.vae_spatial) == (44, 80)  # 16x VAE
+
+
+def test_shipped_wan22_config_loads():
+    from pathlib import Path
+
+    from common.config import load_config
+    from videodpo.trainer import validate_config
+
+    path = Path(__file__).parents[2] / "configs" / "video" / "wan2.2_ti2v_5b_regdpo.yaml"
+    cfg = load_config(RunConfig, path)
+    validate_config(cfg)
+    assert cfg.loss.kind == "reg_dpo" and cfg.parallel.pair == 2 and cfg.lora.export_format == "both"
+    assert cfg.data.height % 32 == 0 and cfg.data.width % 32 == 0 and (cfg.data.num_frames - 1) % 4 == 0
