@@ -117,3 +117,23 @@ def test_shipped_wan22_config_loads():
     validate_config(cfg)
     assert cfg.loss.kind == "reg_dpo" and cfg.parallel.pair == 2 and cfg.lora.export_format == "both"
     assert cfg.data.height % 32 == 0 and cfg.data.width % 32 == 0 and (cfg.data.num_frames - 1) % 4 == 0
+
+
+@pytest.mark.parametrize("kind", ["ti2v_5b", "a14b"])
+def test_build_pairs_generates_through_the_wan22_pipeline(kind, ti2v_dir, tmp_path):
+    """GT-Pairs from a Wan2.2 pipeline: the rejected clip is the pipeline's own output (the
+    A14B pipeline routes its steps to both experts itself)."""
+    from tests.videodpo.test_build_pairs import TOL, _cfg, _direct
+    from videodpo.data.build_pairs import build_gt_pairs
+    from videodpo.data.manifest import read_manifest
+    from videodpo.data.synthetic import WorldConfig, write_dataset
+    from videodpo.data.video_io import load_clip
+
+    model = ti2v_dir if kind == "ti2v_5b" else build_tiny_wan22_pipeline(tmp_path / "a14b", "a14b")
+    world = WorldConfig(height=64, width=64, num_frames=5, shape_size=16)
+    clips = write_dataset(tmp_path / "clips", world, num_clips=2, seed=0)
+    summary = build_gt_pairs(_cfg(clips, model, tmp_path / "out"))
+    assert (summary.generated, summary.failed) == (2, 0)
+    pairs, sources = read_manifest(tmp_path / "out" / "pairs.jsonl"), read_manifest(clips)
+    ref = _direct(model, sources[1]["caption"], 12, (5, 64, 64))
+    assert (load_clip(pairs[1]["rejected"]) - ref).abs().max() <= TOL
