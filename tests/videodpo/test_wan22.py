@@ -63,6 +63,14 @@ def test_ti2v_5b_sampling_matches_the_pipeline(ti2v_dir):
                 max_sequence_length=cond["text"].shape[1], generator=torch.Generator().manual_seed(3),
                 output_type="latent").frames
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+    # validation / `videodpo sample`: decoded clips equal the pipeline's video
+    from videodpo.validation import generate
+
+    clips = generate(adapter, adapter.transformer, [PROMPT], 5, 64, 64, num_steps=2, seed=3)
+    video = pipe(PROMPT, num_frames=5, height=64, width=64, num_inference_steps=2, guidance_scale=1.0,
+                 max_sequence_length=cond["text"].shape[1], generator=torch.Generator().manual_seed(3),
+                 output_type="pt").frames  # (1, F, 3, H, W) in [0, 1]
+    torch.testing.assert_close(clips, video.permute(0, 2, 1, 3, 4) * 2 - 1, rtol=1e-4, atol=1e-4)
 
 
 def test_ti2v_5b_reg_dpo_step_trains_the_transformer(ti2v_dir, tmp_path):
