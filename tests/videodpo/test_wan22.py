@@ -95,6 +95,9 @@ def test_wan22_a14b_two_experts_are_refused_until_supported(tmp_path):
     model_dir = build_tiny_wan22_pipeline(tmp_path / "a14b", "a14b")
     with pytest.raises(ConfigError, match="transformer_2"):
         load_adapter(model_dir)
+    model_dir = build_tiny_wan22_pipeline(tmp_path / "ti2v_i2v", "ti2v_5b_i2v")
+    with pytest.raises(ConfigError, match="expand_timesteps"):
+        load_adapter(model_dir, encoders=False)
 
 
 def test_memory_estimator_rows_for_wan22(ti2v_dir):

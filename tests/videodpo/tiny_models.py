@@ -173,7 +173,8 @@ def tiny_wan22_vae():
 
 def build_tiny_wan22_pipeline(out_dir: str | Path, kind: str = "ti2v_5b", seed: int = 0) -> Path:
     """Save a random tiny Wan2.2 pipeline: `ti2v_5b` (`WanPipeline`, 48-channel VAE,
-    `expand_timesteps`; sizes multiples of 32) or `a14b` (two 2-layer experts split at
+    `expand_timesteps`; sizes multiples of 32), `ti2v_5b_i2v` (the same as
+    `WanImageToVideoPipeline`) or `a14b` (two 2-layer experts split at
     `boundary_ratio` 0.875, the Wan2.1 VAE)."""
     from diffusers import FlowMatchEulerDiscreteScheduler, WanPipeline, WanTransformer3DModel
 
@@ -181,18 +182,24 @@ def build_tiny_wan22_pipeline(out_dir: str | Path, kind: str = "ti2v_5b", seed: 
     tokenizer = tiny_tokenizer()
     parts = dict(tokenizer=tokenizer, text_encoder=tiny_text_encoder(len(tokenizer)),
                  scheduler=FlowMatchEulerDiscreteScheduler(shift=5.0))
-    if kind == "ti2v_5b":
+    if kind in ("ti2v_5b", "ti2v_5b_i2v"):
         transformer = WanTransformer3DModel(
             patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=16, in_channels=48,
             out_channels=48, text_dim=TEXT_DIM, freq_dim=32, ffn_dim=64, num_layers=2,
             rope_max_seq_len=64,
         ).eval()  # fmt: skip
-        pipe = WanPipeline(transformer=transformer, vae=tiny_wan22_vae(), expand_timesteps=True, **parts)
+        if kind == "ti2v_5b_i2v":  # image conditioning: the first latent frame at t = 0
+            from diffusers import WanImageToVideoPipeline
+
+            pipe = WanImageToVideoPipeline(transformer=transformer, vae=tiny_wan22_vae(), expand_timesteps=True,
+                                           image_encoder=None, image_processor=None, **parts)
+        else:
+            pipe = WanPipeline(transformer=transformer, vae=tiny_wan22_vae(), expand_timesteps=True, **parts)
     elif kind == "a14b":
         pipe = WanPipeline(transformer=tiny_wan_transformer("t2v"), transformer_2=tiny_wan_transformer("t2v"),
                            vae=tiny_wan_vae(), boundary_ratio=0.875, **parts)
     else:
-        raise ValueError(f"kind must be ti2v_5b or a14b, got {kind!r}")
+        raise ValueError(f"kind must be ti2v_5b, ti2v_5b_i2v or a14b, got {kind!r}")
     out_dir = Path(out_dir)
     pipe.save_pretrained(out_dir)
     return out_dir
