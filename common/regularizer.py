@@ -378,17 +378,7 @@ class DataRegularizer:
                 [_local_slice(cols[k][:, None], params[k]).reshape(count, -1) for k in params], 1)
 
         columns = torch.cat([columns_of(recs["t"], 1), columns_of(recs["g"], n)]).double()
-        gram = columns @ columns.T
-
-        def write(coef):
-            update = coef @ columns
-            offset = 0
-            for p in params.values():
-                size = _local(p).numel()
-                _set_grad(p, update[offset : offset + size].view(_local(p).shape))
-                offset += size
-
-        return gram, write
+        return _gram_and_writer(columns, params)
 
     def _module_gram(self, name: str, recs: dict[str, list[_Record]], n: int, transient=False):
         """(Gram contribution (n+1)x(n+1), writer(coef)) for one module's parameters.
@@ -598,17 +588,7 @@ class DataRegularizer:
             )
 
         columns = torch.cat([flat(tgt, 1), flat(gen, n)]).double()
-        gram = columns @ columns.T
-
-        def write(coef):
-            update = coef @ columns
-            offset = 0
-            for p in params.values():
-                size = _local(p).numel()
-                _set_grad(p, update[offset : offset + size].view(_local(p).shape))
-                offset += size
-
-        return gram, write
+        return _gram_and_writer(columns, params)
 
     # ----------------------------------------------------------------- checks
     def _check_ghost_support(self) -> None:
@@ -729,6 +709,21 @@ def _set_grad(p: torch.Tensor, update: torch.Tensor) -> None:
         )
     else:
         p.grad = update.to(p.dtype).reshape(p.shape).contiguous()
+
+
+def _gram_and_writer(columns: torch.Tensor, params: dict[str, nn.Parameter]):
+    """Gram matrix of the rows [g_T, g_1..g_n] of `columns` (one column block per parameter,
+    in `params` order), and a writer that sets each parameter's grad to `coef @ columns`."""
+
+    def write(coef):
+        update = coef @ columns
+        offset = 0
+        for p in params.values():
+            size = _local(p).numel()
+            _set_grad(p, update[offset : offset + size].view(_local(p).shape))
+            offset += size
+
+    return columns @ columns.T, write
 
 
 def _ghost_gram(

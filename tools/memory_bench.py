@@ -214,7 +214,7 @@ def _local_bytes(tensors: list[Any]) -> int:
     return total
 
 
-def _model_state_bytes(policy: Any, reference: Any, optimizer: Any) -> int:
+def model_state_bytes(policy: Any, reference: Any, optimizer: Any) -> int:
     """Resident bytes of this rank's parameters (policy, reference) and AdamW moments."""
     tensors = list(policy.parameters()) + (list(reference.parameters()) if reference is not None else [])
     for state in optimizer.state.values():
@@ -247,7 +247,7 @@ def _trainer_step(cfg: BenchConfig, layout: Layout, h: int, w: int):
     def step(frames: int) -> None:
         step_fn(random_pair_batch(adapter, 1, frames, h, w, seed=cfg.seed + frames))
 
-    return step, lambda: _model_state_bytes(state.policy, state.reference, state.optimizer)
+    return step, lambda: model_state_bytes(state.policy, state.reference, state.optimizer)
 
 
 def estimated_layout(cfg: BenchConfig, layout: Layout) -> Layout:

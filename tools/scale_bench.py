@@ -47,6 +47,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:  # run as `python tools/scale_bench.py`
     sys.path.insert(0, str(ROOT))
 
+from tools import memory_bench  # noqa: E402
 from tools.memory_estimator import Layout, ModelDims, Precision, estimate_peak, latent_frames  # noqa: E402
 
 MB = 2.0**20
@@ -343,22 +344,9 @@ def _saved_bytes_counter() -> tuple[Any, Callable[[], int]]:
     return torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), lambda: sum(kept.values())
 
 
-def _local_bytes(tensors: list[Any]) -> int:
-    total = 0
-    for t in tensors:
-        local = t.to_local() if hasattr(t, "to_local") else t
-        total += local.numel() * local.element_size()
-    return total
-
-
 def model_state_bytes(state: Any) -> int:
     """Resident bytes of this rank's parameters (policy, reference) and AdamW moments."""
-    tensors = list(state.policy.parameters())
-    if state.reference is not None:
-        tensors += list(state.reference.parameters())
-    for s in state.optimizer.state.values():
-        tensors += [v for v in s.values() if hasattr(v, "numel") and v.numel() > 1]
-    return _local_bytes(tensors)
+    return memory_bench.model_state_bytes(state.policy, state.reference, state.optimizer)
 
 
 def run_config(layout: LayoutSpec, lora: bool = False, mixed_precision: str = "no") -> Any:

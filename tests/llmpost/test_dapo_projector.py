@@ -15,8 +15,8 @@ from llmpost.dapo_regularized import DapoSampleLoss, projector_update, target_ba
 from llmpost.dapo_trainer import PolicyBatch, dapo_update
 from llmpost.model import tiny_qwen3
 from llmpost.policy import untie_embeddings
-from llmpost.rollout import pack_right_padded, token_logprobs
 from llmpost.sft import IGNORE, per_sample_completion_loss
+from tests.llmpost.test_dapo_fsdp import _batch
 from tests.multiproc import run_on_ranks
 
 VOCAB, PAD = 40, 0
@@ -27,20 +27,6 @@ def _model(seed=0):
                                        num_kv_heads=1, intermediate_size=64, max_positions=64,
                                        pad_token_id=PAD, eos_token_id=1, seed=seed))
 
-
-def _batch(model, n, seed):
-    rng = random.Random(seed)
-    prompts = [[rng.randrange(2, VOCAB) for _ in range(rng.randint(2, 5))] for _ in range(n)]
-    responses = [[rng.randrange(2, VOCAB) for _ in range(rng.randint(1, 7))] for _ in range(n)]
-    ids, attn, mask = pack_right_padded(prompts, responses, PAD)
-    with torch.no_grad():
-        logp, _ = token_logprobs(model, ids, attn)
-    gen = torch.Generator().manual_seed(seed)
-    old = []
-    for b, r in enumerate(responses):  # old log-probs off by up to +-0.5: some ratios clip
-        cur = logp[b][mask[b].bool()]
-        old.append((cur + (torch.rand(len(r), generator=gen) - 0.5)).tolist())
-    return PolicyBatch(prompts, responses, old, torch.randn(n, generator=gen), ["t"] * n)
 
 
 def _general(n, seed):
