@@ -111,7 +111,7 @@ def test_annotated_pairs_prefer_the_generation_the_scorer_ranks_higher():
 @pytest.mark.slow
 def test_default_flawed_base_has_room_to_improve(tmp_path):
     """The default base (noisy captions, full 1,500 steps, about 3.5 minutes on one idle
-    core) samples motion fidelity inside the chosen band 0.15-0.6 (measured 0.28): above
+    core) samples motion fidelity inside the chosen band 0.15-0.6 (measured 0.25): above
     a still shape (about 0.14), far below real clips (1.0), so a tuning method has room
     to show. The tuning arms are cut to one step."""
     demo = replace(DemoConfig(), tune_steps=1, num_pair_clips=4)
