@@ -36,7 +36,7 @@ from common.regularizer import DataRegularizer, RegularizerStats
 from llmpost.config import DapoConfig
 from llmpost.dapo import clipped_tokens, kl_k3, policy_token_losses, tis_weights
 from llmpost.data import TaskRecord, sample_weighted
-from llmpost.rollout import pack_right_padded
+from llmpost.rollout import pack_right_padded, scatter_to_responses
 from llmpost.sft import build_example, collate_padded, per_sample_completion_loss
 
 NO_TRUNCATION = 1 << 30
@@ -110,21 +110,13 @@ def target_batch(batch: Any, pad_id: int) -> dict[str, torch.Tensor]:
     ids, attn, mask = pack_right_padded(batch.prompts, batch.responses, pad_id)
     tokens = float(sum(len(r) for r in batch.responses))
     out = {"input_ids": ids, "attention_mask": attn, "response_mask": mask.float(),
-           "old_logp": _scatter(batch.old_logprobs, mask),
+           "old_logp": scatter_to_responses(batch.old_logprobs, mask),
            "advantages": batch.advantages.float(),
            "token_scale": torch.full((len(batch),), len(batch) / max(tokens, 1.0))}
     if batch.ref_logprobs is not None:
-        out["ref_logp"] = _scatter(batch.ref_logprobs, mask)
+        out["ref_logp"] = scatter_to_responses(batch.ref_logprobs, mask)
     if batch.engine_logprobs is not None:
-        out["engine_logp"] = _scatter(batch.engine_logprobs, mask)
-    return out
-
-
-def _scatter(values: list[list[float]], mask: torch.Tensor) -> torch.Tensor:
-    out = torch.zeros(mask.shape)
-    for b, v in enumerate(values):
-        idx = mask[b].nonzero().squeeze(-1)[: len(v)]
-        out[b, idx] = torch.tensor(v, dtype=out.dtype)
+        out["engine_logp"] = scatter_to_responses(batch.engine_logprobs, mask)
     return out
 
 
@@ -170,7 +162,7 @@ def projector_update(
             stats.append(step)
             if loss_fn.last and len(mine):
                 last = {k: v[own].cpu() for k, v in loss_fn.last.items()}
-                old = _scatter(mine.old_logprobs, last["mask"].bool())
+                old = scatter_to_responses(mine.old_logprobs, last["mask"].bool())
                 clipped = clipped_tokens(last["logp"], old, mine.advantages.float(),
                                          cfg.eps_low, cfg.eps_high).float()
                 lengths = last["mask"].sum(1).clamp(min=1)

@@ -43,6 +43,7 @@ from llmpost.rollout import (
     VLLMRollout,
     build_rollout,
     pack_right_padded,
+    scatter_to_responses,
 )
 
 logger = logging.getLogger(__name__)
@@ -121,17 +122,17 @@ def dapo_update(
                 logp, ent = response_logprobs(model, ids.to(device), attn.to(device), mask,
                                               temperature, cfg.logprob_chunk_size,
                                               with_entropy=True)
-                old_t = _scatter_tokens(old, mask, logp)
+                old_t = scatter_to_responses(old, mask, logp)
                 mask = mask.to(device) * weight
                 token_weights = None
                 if cfg.tis_cap is not None:
-                    token_weights = tis_weights(old_t, _scatter_tokens(engine, mask, logp),
+                    token_weights = tis_weights(old_t, scatter_to_responses(engine, mask, logp),
                                                cfg.tis_cap)
                 loss = policy_loss(logp, old_t, adv.to(device), mask, cfg.eps_low, cfg.eps_high,
                                    cfg.dual_clip, num_tokens=max(denom, 1.0),
                                    token_weights=token_weights)
                 if cfg.kl_coef:
-                    ref_t = _scatter_tokens(ref, mask, logp)
+                    ref_t = scatter_to_responses(ref, mask, logp)
                     kl = (kl_k3(logp, ref_t) * mask).sum() / max(denom, 1.0)
                     loss = loss + cfg.kl_coef * kl
                 loss.backward()
@@ -147,16 +148,6 @@ def dapo_update(
             optimizer.step()
             losses.append(mb_loss)
     return {"loss": sum(losses) / max(1, len(losses)), "clip_frac": clip_frac, "entropy": entropy}
-
-
-def _scatter_tokens(values: list[list[float]], mask: torch.Tensor, like: torch.Tensor
-                    ) -> torch.Tensor:
-    """Per-response token values placed at the response positions of a `(B, S-1)` tensor."""
-    out = torch.zeros_like(like, requires_grad=False)
-    for b, v in enumerate(values):
-        idx = mask[b].nonzero().squeeze(-1)[: len(v)]
-        out[b, idx.to(out.device)] = torch.tensor(v, dtype=out.dtype, device=out.device)
-    return out
 
 
 def _max_over_ranks(value: int) -> int:

@@ -91,6 +91,19 @@ def pack_right_padded(
     return ids, attn, resp
 
 
+def scatter_to_responses(
+    values: list[list[float]], response_mask: torch.Tensor, like: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Per-response token values (old, reference or engine log-probs) placed at the
+    response positions of `pack_right_padded`'s layout; zeros elsewhere. The result has
+    `like`'s dtype and device when given, else float32 on the CPU."""
+    out = torch.zeros(response_mask.shape) if like is None else torch.zeros_like(like)
+    for b, v in enumerate(values):
+        idx = response_mask[b].nonzero().squeeze(-1)[: len(v)]
+        out[b, idx.to(out.device)] = torch.tensor(v, dtype=out.dtype, device=out.device)
+    return out
+
+
 def token_logprobs(
     model: torch.nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor,
     temperature: float = 1.0, with_entropy: bool = False,
