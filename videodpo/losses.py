@@ -114,6 +114,22 @@ def reg_dpo_loss(
     `accuracy` (share with d < 0), and the reward-style error gaps of each side.
     Computed in at least fp32; fp64 errors keep fp64 (and so do the loss and gradients).
     """
+    per_sample, metrics = reg_dpo_sample_losses(policy_w, policy_l, ref_w, ref_l, beta,
+                                                sft_weight, dpo_weight)
+    return per_sample.mean(), metrics
+
+
+def reg_dpo_sample_losses(
+    policy_w: torch.Tensor,
+    policy_l: torch.Tensor | None,
+    ref_w: torch.Tensor | None,
+    ref_l: torch.Tensor | None,
+    beta: float,
+    sft_weight: float,
+    dpo_weight: float = 1.0,
+) -> tuple[torch.Tensor, dict[str, float]]:
+    """`reg_dpo_loss` before the batch mean: L_dpo + lambda e_theta(w) per sample, `(B,)`,
+    with the same batch-mean metrics (what the data regularizer needs as its target)."""
     sft = at_least_fp32(policy_w)
     metrics: dict[str, float] = {"sft": sft.mean().item()}
     loss = sft_weight * sft
@@ -133,8 +149,7 @@ def reg_dpo_loss(
             gap_rejected=gap_l.mean().item(),
             error_rejected=policy_l.float().mean().item(),
         )
-    loss = loss.mean()
-    metrics["loss"] = loss.item()
+    metrics["loss"] = loss.mean().item()
     return loss, metrics
 
 

@@ -8,8 +8,8 @@ e(model, x) of the run's objective (flow matching or epsilon / v prediction).
 
 - `mode: mix`: each step minimises L_reg + `mix_weight` * mean over the general clips of
   their SFT error (one backward).
-- `mode: projector`: the target is the per-pair Reg-DPO loss (`videodpo.losses.reg_dpo_loss`
-  of one pair, the reference forward in no-grad inside the loss function); the general
+- `mode: projector`: the target is the per-pair Reg-DPO loss (`videodpo.losses.reg_dpo_sample_losses`
+  per pair, the reference forward in no-grad inside the loss function); the general
   clips give per-clip SFT errors; the target gradient is projected per parameter group
   onto their feasible set (DESIGN.md section 4).
 
@@ -47,7 +47,7 @@ import torch.distributed as dist
 
 from common.errors import ConfigError, DataError
 from common.regularizer import DataRegularizer, RegularizerStats
-from videodpo.losses import loss_weights, per_sample_error, reg_dpo_loss
+from videodpo.losses import loss_weights, per_sample_error, reg_dpo_sample_losses
 
 MODES = ("off", "mix", "projector")
 
@@ -166,15 +166,10 @@ class RegDpoSampleLoss:
             ref = self.state.reference if self.state.reference is not None else self.state.policy
             e_ref = self._errors(ref, x, t, noise, two)
         dpo_w, sft_w = loss_weights(cfg.loss.kind, cfg.loss.sft_weight)
-        losses, metrics = [], []
-        for i in range(b):
-            j = slice(i, i + 1)
-            loss, m = reg_dpo_loss(e_policy[:b][j], e_policy[b:][j], e_ref[:b][j], e_ref[b:][j],
-                                   beta=cfg.loss.beta, sft_weight=sft_w, dpo_weight=dpo_w)
-            losses.append(loss)
-            metrics.append(m)
-        self.metrics = {k: sum(m[k] for m in metrics) / b for k in metrics[0]}
-        return torch.stack(losses)
+        losses, self.metrics = reg_dpo_sample_losses(
+            e_policy[:b], e_policy[b:], e_ref[:b], e_ref[b:],
+            beta=cfg.loss.beta, sft_weight=sft_w, dpo_weight=dpo_w)
+        return losses
 
 
 def _gather(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
