@@ -19,6 +19,7 @@ from torch import nn
 from common.distributed import ParallelDims, build_mesh, init_distributed
 from common.errors import ConfigError
 from videodpo.config import ParallelConfig
+from videodpo.models.experts import TimestepExperts, experts_of
 
 
 @dataclass
@@ -53,7 +54,11 @@ class ParallelLayout:
             if cfg.cp_mode not in ("ulysses", "ring"):
                 raise ConfigError(f"parallel.cp_mode must be 'ulysses' or 'ring', got {cfg.cp_mode!r}")
             ulysses = self.cp_size if cfg.cp_mode == "ulysses" else 1
-            apply_context_parallel(model, build_cp_groups(self.mesh, ulysses=ulysses), cp_plan_for(model))
+            groups = build_cp_groups(self.mesh, ulysses=ulysses)
+            for expert in experts_of(model).values():
+                apply_context_parallel(expert, groups, cp_plan_for(expert))
+        if self.world_size > 1 and isinstance(model, TimestepExperts):
+            model.lockstep = True  # ranks that route differently still run the same collectives
         ac_every = cfg.activation_checkpointing if trainable else 0
         if self.sharded(cfg):
             from common.pair_parallel import fsdp_mesh, set_fsdp_gradient_reduction

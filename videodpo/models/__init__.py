@@ -1,10 +1,11 @@
 """Adapters over diffusers video transformers, one interface per model family.
 
-`load_adapter(path)` opens either a diffusers pipeline directory (Wan2.1 / CogVideoX,
-T2V or I2V, told apart by `model_index.json`) or a pixel-space model of the synthetic
-world saved by `VideoModelAdapter.save_pretrained`. It loads what the run needs: the
-transformer with or without its weights (meta device, filled later shard by shard) and
-the encoders now or on first use.
+`load_adapter(path)` opens either a diffusers pipeline directory (Wan2.1 / Wan2.2 /
+CogVideoX, T2V or I2V, told apart by `model_index.json`) or a pixel-space model of the
+synthetic world saved by `VideoModelAdapter.save_pretrained`. It loads what the run
+needs: the transformer with or without its weights (meta device, filled later shard by
+shard) and the encoders now or on first use. A pipeline with `transformer_2` and
+`boundary_ratio` (Wan2.2 A14B) gives one `TimestepExperts` holding both.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from common.errors import ConfigError
 from videodpo.losses import DiffusionObjective
 from videodpo.models.base import Conditions, VideoModelAdapter, read_pixel_meta
 from videodpo.models.cogvideox import CogVideoXAdapter
+from videodpo.models.experts import ExpertWeights, TimestepExperts
 from videodpo.models.wan import WanAdapter
 
 ADAPTERS: dict[str, type[VideoModelAdapter]] = {"wan": WanAdapter, "cogvideox": CogVideoXAdapter}
@@ -37,7 +39,9 @@ __all__ = [
     "load_adapter",
     "load_encoder_pipeline",
     "objective_for",
+    "reference_skeleton",
     "transformer_skeleton",
+    "weights_for",
 ]
 
 
@@ -66,12 +70,33 @@ def transformer_skeleton(cls: type[nn.Module], config: dict, dtype: torch.dtype 
     return model.eval()
 
 
+def reference_skeleton(policy: nn.Module, dtype: torch.dtype = torch.float32) -> nn.Module:
+    """A frozen copy's shape of `policy` on the meta device: the same transformer class and
+    config, or for two experts only those that train (the others never see a training t)."""
+    if isinstance(policy, TimestepExperts):
+        parts = {n: transformer_skeleton(type(e), e.config, dtype) for n, e in policy.experts.items()
+                 if n in policy.trained}
+        return TimestepExperts(parts, policy.boundary, policy.num_train_timesteps).requires_grad_(False)
+    return transformer_skeleton(type(policy), policy.config, dtype).requires_grad_(False)
+
+
+def weights_for(path: str | Path, model: nn.Module) -> Any:
+    """The safetensors weights of `model`'s transformer folders under pipeline dir `path`."""
+    from common.fsdp import SafetensorsWeights
+
+    path = Path(path)
+    if isinstance(model, TimestepExperts):
+        return ExpertWeights({name: SafetensorsWeights(path / name) for name in model.experts})
+    return SafetensorsWeights(path / "transformer")
+
+
 def load_encoder_pipeline(path: str | Path, dtype: torch.dtype = torch.float32) -> Any:
     """The diffusers pipeline of `path` with VAE, text and image encoders, scheduler and
     tokenizer, and no transformer (`transformer=None`: nothing of it is read)."""
     index = Path(path) / "model_index.json"
     class_name = json.loads(index.read_text()).get("_class_name")
-    pipe = getattr(diffusers, class_name).from_pretrained(path, transformer=None, dtype=dtype)
+    extra = {"transformer_2": None} if "transformer_2" in json.loads(index.read_text()) else {}
+    pipe = getattr(diffusers, class_name).from_pretrained(path, transformer=None, dtype=dtype, **extra)
     pipe.set_progress_bar_config(disable=True)
     return pipe
 
@@ -83,6 +108,7 @@ def load_adapter(
     *,
     transformer_weights: bool = True,
     encoders: bool = True,
+    task: str | None = None,
 ) -> VideoModelAdapter:
     """The adapter for a local model directory (no hub downloads).
 
@@ -90,7 +116,9 @@ def load_adapter(
     device (`transformer_skeleton`): the trainer shards it and fills each rank's shard
     from the safetensors files. `encoders=False` constructs no VAE, text or image
     encoder now; the adapter loads them the first time it encodes (training from a
-    latent cache never does).
+    latent cache never does). `task` overrides the pipeline class's task where one
+    transformer serves both (Wan2.2 TI2V-5B, `expand_timesteps`: saved as `WanPipeline`,
+    trained as image-to-video with `task="i2v"`).
     """
     path = Path(path)
     meta = read_pixel_meta(path)
@@ -110,9 +138,20 @@ def load_adapter(
     class_name = json.loads(index.read_text()).get("_class_name")
     if class_name not in PIPELINES:
         raise ConfigError(f"{index}: pipeline {class_name!r} is not supported; expected one of {sorted(PIPELINES)}")
-    family, task = PIPELINES[class_name]
+    family, saved_task = PIPELINES[class_name]
+    config = json.loads(index.read_text())
+    if task not in (None, "", saved_task) and not config.get("expand_timesteps"):
+        raise ConfigError(f"model.task={task}: {index} is a {class_name} ({saved_task}); only a model with "
+                          "expand_timesteps (Wan2.2 TI2V) serves both tasks")
+    task = task or saved_task
     cls = ADAPTERS[family]
     transformer = _load_transformer(cls, path / "transformer", dtype, transformer_weights)
+    if config.get("boundary_ratio") is not None and any(config.get("transformer_2") or ()):
+        scheduler_config = json.loads((path / "scheduler" / "scheduler_config.json").read_text())
+        steps = int(scheduler_config.get("num_train_timesteps", 1000))
+        second = _load_transformer(cls, path / "transformer_2", dtype, transformer_weights)
+        transformer = TimestepExperts({"transformer": transformer, "transformer_2": second},
+                                      boundary=float(config["boundary_ratio"]) * steps, num_train_timesteps=steps)
     pipe = load_encoder_pipeline(path, dtype) if encoders else None
     scheduler = pipe.scheduler if pipe is not None else _load_scheduler(path / "scheduler")
     objective = objective_for(family, scheduler, flow_shift)
