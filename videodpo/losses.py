@@ -15,6 +15,7 @@ samples, both on is Reg-DPO.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -45,13 +46,24 @@ class DiffusionObjective:
         if self.kind != "flow_matching" and self.alphas_cumprod is None:
             raise ValueError(f"objective {self.kind!r} needs the scheduler's alphas_cumprod")
 
-    def sample_timesteps(self, batch: int, generator: torch.Generator | None = None) -> torch.Tensor:
-        """Timesteps in the model's units: sigma*1000 (flow) or integers (DDPM)."""
+    def sample_timesteps(
+        self, batch: int, generator: torch.Generator | None = None, low: float = 0.0, high: float | None = None
+    ) -> torch.Tensor:
+        """Timesteps in the model's units: sigma*1000 (flow) or integers (DDPM), drawn
+        within [low, high) (default: all of them) with the distribution restricted there:
+        flow matching draws u uniformly between the pre-shift values of the bounds."""
+        n = self.num_train_timesteps
+        high = float(n) if high is None else high
         if self.kind == "flow_matching":
-            sigma = torch.rand(batch, generator=generator)
+            u_low, u_high = self._unshift(low / n), self._unshift(high / n)
+            sigma = u_low + (u_high - u_low) * torch.rand(batch, generator=generator)
             sigma = self.shift * sigma / (1 + (self.shift - 1) * sigma)
-            return sigma * self.num_train_timesteps
-        return torch.randint(0, self.num_train_timesteps, (batch,), generator=generator).float()
+            return sigma * n
+        return torch.randint(int(math.ceil(low)), int(math.ceil(high)), (batch,), generator=generator).float()
+
+    def _unshift(self, sigma: float) -> float:
+        """The u whose shifted value s u / (1 + (s - 1) u) is `sigma`."""
+        return sigma / (self.shift - (self.shift - 1) * sigma)
 
     def _coefficients(self, timesteps: torch.Tensor, ndim: int) -> tuple[torch.Tensor, torch.Tensor]:
         """(a, b) with x_t = a x0 + b eps, shaped to broadcast over a latent of `ndim` dims."""

@@ -47,7 +47,7 @@ import torch.distributed as dist
 
 from common.errors import ConfigError, DataError
 from common.regularizer import DataRegularizer, RegularizerStats
-from videodpo.losses import loss_weights, per_sample_error, reg_dpo_sample_losses
+from videodpo.losses import loss_weights, reg_dpo_sample_losses
 
 MODES = ("off", "mix", "projector")
 
@@ -145,10 +145,7 @@ class RegDpoSampleLoss:
         self.metrics: dict[str, float] = {}
 
     def _errors(self, model, x, t, noise, cond):
-        objective, adapter = self.state.adapter.objective, self.state.adapter
-        noisy = objective.add_noise(x, noise, t)
-        target = objective.target(x, noise, t)
-        return per_sample_error(adapter.predict(model, noisy, t, cond), target)
+        return self.state.adapter.training_error(model, x, noise, t, cond)
 
     def __call__(self, model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         device = self.state.layout.device

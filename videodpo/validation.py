@@ -9,6 +9,7 @@ lays clips out as rows of frames in one PNG; `Validator` does all of it every N 
 
 from __future__ import annotations
 
+import functools
 import logging
 from pathlib import Path
 from typing import Any
@@ -17,7 +18,6 @@ import torch
 from torch import nn
 
 from videodpo.config import RunConfig
-from videodpo.losses import per_sample_error
 from videodpo.models import VideoModelAdapter
 from videodpo.models.base import Conditions
 
@@ -28,13 +28,16 @@ logger = logging.getLogger(__name__)
 def sample_errors(
     adapter: VideoModelAdapter, model: nn.Module, latents: torch.Tensor, cond: Conditions,
     num_timesteps: int = 4, seed: int = 0, batch_size: int = 16,
+    timestep_range: tuple[float, float | None] = (0.0, None),
 ) -> torch.Tensor:
-    """Per-sample error averaged over `num_timesteps` evenly spaced timesteps, with
+    """Per-sample error averaged over `num_timesteps` evenly spaced timesteps within
+    `timestep_range` (default: all; a run training one expert scores its range), with
     noise fixed by `seed` (the same draws for every model); shape (N,)."""
     obj = adapter.objective
     g = torch.Generator().manual_seed(seed)
     noise = torch.randn(latents.shape, generator=g)
-    n_train = obj.num_train_timesteps
+    low, high = timestep_range
+    high = obj.num_train_timesteps if high is None else high
     levels = [(i + 0.5) / num_timesteps for i in range(num_timesteps)]
     total = torch.zeros(latents.shape[0])
     for level in levels:
@@ -42,11 +45,10 @@ def sample_errors(
             sl = slice(start, start + batch_size)
             x = latents[sl]
             eps = noise[sl].to(x.device)
-            t = torch.full((x.shape[0],), level * n_train, device=x.device)
+            t = torch.full((x.shape[0],), low + level * (high - low), device=x.device)
             if obj.kind != "flow_matching":
                 t = t.floor()
-            pred = adapter.predict(model, obj.add_noise(x, eps, t), t, {k: v[sl] for k, v in cond.items()})
-            total[sl] += per_sample_error(pred, obj.target(x, eps, t)).cpu()
+            total[sl] += adapter.training_error(model, x, eps, t, {k: v[sl] for k, v in cond.items()}).cpu()
     return total / num_timesteps
 
 
@@ -153,14 +155,15 @@ class Validator:
         out = Path(cfg.out_dir) / "validation" / f"step_{state.step:07d}"
         if self.pairs is not None:
             state.policy.eval()
-            pw = sample_errors(self.adapter, state.policy, self.pairs.chosen, self.pairs.cond)
-            pl = sample_errors(self.adapter, state.policy, self.pairs.rejected, self.pairs.cond)
+            errors = functools.partial(sample_errors, self.adapter, timestep_range=state.timestep_range)
+            pw = errors(state.policy, self.pairs.chosen, self.pairs.cond)
+            pl = errors(state.policy, self.pairs.rejected, self.pairs.cond)
             metrics.update(sft_error=pw.mean().item(), rejected_error=pl.mean().item())
             if state.reference is not None or state.lora:  # SFT of a full model keeps no reference
                 with state.reference_context():
                     ref = state.reference if state.reference is not None else state.policy
-                    rw = sample_errors(self.adapter, ref, self.pairs.chosen, self.pairs.cond)
-                    rl = sample_errors(self.adapter, ref, self.pairs.rejected, self.pairs.cond)
+                    rw = errors(ref, self.pairs.chosen, self.pairs.cond)
+                    rl = errors(ref, self.pairs.rejected, self.pairs.cond)
                 d = (pw - rw) - (pl - rl)
                 metrics.update(dpo_accuracy=(d < 0).float().mean().item(), margin=(-d).mean().item())
             state.policy.train()

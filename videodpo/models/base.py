@@ -38,7 +38,8 @@ import torch
 from torch import nn
 
 from common.errors import ConfigError
-from videodpo.losses import DiffusionObjective
+from videodpo.losses import DiffusionObjective, per_sample_error
+from videodpo.models.experts import experts_of
 
 Conditions = dict[str, torch.Tensor]
 PIXEL_MODEL_FILE = "videodpo_model.json"
@@ -187,6 +188,19 @@ class VideoModelAdapter(ABC):
     ) -> torch.Tensor:
         """The transformer's output for noisy latents `(B, C, f, h, w)`, same layout."""
 
+    loss_frames: slice = slice(None)  # latent frames the error covers (Wan2.2 TI2V: not the image's)
+
+    def training_error(
+        self, model: nn.Module, x0: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor, cond: Conditions
+    ) -> torch.Tensor:
+        """Per-sample error e `(B,)` of `model` on clean latents `x0` noised with `noise` to
+        `timesteps`: the objective's target against the prediction, over `loss_frames`."""
+        noisy = self.objective.add_noise(x0, noise, timesteps)
+        target = self.objective.target(x0, noise, timesteps)
+        prediction = self.predict(model, noisy, timesteps, cond)
+        frames = self.loss_frames
+        return per_sample_error(prediction[:, :, frames], target[:, :, frames])
+
     def sampling_scheduler(self) -> Any:
         return copy.deepcopy(self.scheduler)
 
@@ -228,19 +242,21 @@ class VideoModelAdapter(ABC):
             transformer.save_pretrained(out_dir / "transformer")
             self.scheduler.save_pretrained(out_dir / "scheduler")
             (out_dir / PIXEL_MODEL_FILE).write_text(json.dumps(self.pixel_meta, indent=2))
-        elif self.pipeline is None:  # encoders never loaded: copy their files, new transformer
+        elif self.pipeline is None:  # encoders never loaded: copy their files, new transformer(s)
             out_dir.mkdir(parents=True, exist_ok=True)
+            parts = experts_of(transformer)
             for entry in self.model_dir.iterdir():
-                if entry.name == "transformer":
+                if entry.name in parts:
                     continue
                 if entry.is_dir():
                     shutil.copytree(entry, out_dir / entry.name, dirs_exist_ok=True)
                 else:
                     shutil.copy2(entry, out_dir / entry.name)
-            transformer.save_pretrained(out_dir / "transformer")
+            for name, part in parts.items():
+                part.save_pretrained(out_dir / name)
         else:
             pipe = copy.copy(self.pipeline)
-            pipe.register_modules(transformer=transformer)
+            pipe.register_modules(**experts_of(transformer))
             pipe.save_pretrained(out_dir)
         return out_dir
 

@@ -6,12 +6,12 @@ noisy latent a frame mask (one channel per frame the VAE folds into a latent fra
 and the VAE latent of the first frame followed by black frames, as
 `WanImageToVideoPipeline` does; Wan2.1 I2V also cross-attends to CLIP image tokens.
 
-Wan2.2 TI2V-5B as text-to-video (`WanPipeline` with `expand_timesteps`, the 48-channel
-`AutoencoderKLWan`, 16x spatial) is this same adapter: with no image every token's
-timestep is t, so the scalar timestep the trainer passes is the per-token one the
-pipeline builds. Still refused on load (`check_supported`): the two-expert A14B layout
-(`transformer_2`, `boundary_ratio`) and TI2V image conditioning (`expand_timesteps` with
-`WanImageToVideoPipeline`, first latent frame at t = 0).
+Wan2.2 is this same adapter. TI2V-5B (`expand_timesteps`, the 48-channel
+`AutoencoderKLWan`, 16x spatial) gives every token its own timestep: as text-to-video
+they are all t; as image-to-video the first latent frame is the VAE latent of the given
+image at t = 0, and the error leaves that frame out (`loss_frames`), since the model is
+never asked to denoise it. A14B's two experts (`transformer_2`, `boundary_ratio`) are a
+`videodpo.models.experts.TimestepExperts`, which this adapter calls like one transformer.
 
 A trained LoRA is exported in diffusers' layout, the original Wan layout that ComfyUI
 and the Wan repository load (`videodpo.models.lora_format`), or both (`lora.export_format`).
@@ -44,23 +44,19 @@ class WanAdapter(VideoModelAdapter):
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
-        self.check_supported()
+        # TI2V-5B's per-token timesteps; with an image, its latent is the first frame at t = 0
+        self.expand_timesteps = bool(self._pipeline_config().get("expand_timesteps"))
+        self.image_first_frame = self.expand_timesteps and self.task == "i2v"
 
-    def check_supported(self) -> None:
-        """ConfigError for Wan2.2 layouts training would get wrong: a second expert it
-        would ignore, or TI2V image conditioning it does not build."""
+    def _pipeline_config(self) -> dict:
+        if self.pipeline is not None:
+            return dict(self.pipeline.config)
         index = None if self.model_dir is None else self.model_dir / "model_index.json"
-        if index is None or not index.is_file():
-            return
-        config = json.loads(index.read_text())
-        second = config.get("transformer_2")
-        if (second and any(second)) or config.get("boundary_ratio") is not None:
-            raise ConfigError(f"{index}: Wan2.2 two-expert models (transformer_2, boundary_ratio) are not "
-                              "supported yet: training would tune `transformer` for every t")
-        if config.get("expand_timesteps") and self.task == "i2v":
-            raise ConfigError(f"{index}: Wan2.2 TI2V image conditioning (expand_timesteps with "
-                              f"{config.get('_class_name')}) is not supported yet; save the model as "
-                              "WanPipeline for text-to-video")
+        return json.loads(index.read_text()) if index is not None and index.is_file() else {}
+
+    @property
+    def loss_frames(self) -> slice:
+        return slice(1, None) if self.image_first_frame else slice(None)
 
     def check_lora_export(self, export_format: str, lora_modules: list[str]) -> None:
         super().check_lora_export(export_format, lora_modules)
@@ -109,6 +105,8 @@ class WanAdapter(VideoModelAdapter):
 
     @torch.no_grad()
     def image_conditions(self, first_frames: torch.Tensor, num_frames: int) -> Conditions:
+        if self.image_first_frame:  # TI2V: the image's own latent, one frame, no mask channels
+            return {"image_latents": self.encode_video(first_frames[:, :, None])}
         b, c, h, w = first_frames.shape
         clip = torch.cat([first_frames[:, :, None], first_frames.new_zeros(b, c, num_frames - 1, h, w)], dim=2)
         latent = self.encode_video(clip)
@@ -133,7 +131,10 @@ class WanAdapter(VideoModelAdapter):
     ) -> torch.Tensor:
         dtype = cond["text"].dtype
         x = noisy
-        if self.task == "i2v":
+        if self.image_first_frame:
+            x = torch.cat([cond["image_latents"].to(noisy.dtype), noisy[:, :, 1:]], dim=2)
+            timesteps = self._token_timesteps(transformer, noisy.shape, timesteps)
+        elif self.task == "i2v":
             x = torch.cat([noisy, cond["image_latents"].to(noisy.dtype)], dim=1)
         return transformer(
             hidden_states=x.to(dtype),
@@ -142,3 +143,20 @@ class WanAdapter(VideoModelAdapter):
             encoder_hidden_states_image=cond.get("image_embeds"),
             return_dict=False,
         )[0]
+
+    @staticmethod
+    def _token_timesteps(transformer: nn.Module, shape: torch.Size, timesteps: torch.Tensor) -> torch.Tensor:
+        """(B, tokens): t for every token but those of the first latent frame, which get 0
+        (the pipeline's `first_frame_mask` over the patch grid)."""
+        pt, ph, pw = transformer.config.patch_size
+        f, h, w = shape[2] // pt, shape[3] // ph, shape[4] // pw
+        mask = torch.ones(f, h, w, device=timesteps.device)
+        mask[0] = 0
+        return mask.flatten()[None] * timesteps.reshape(-1, 1).float()
+
+    @torch.no_grad()
+    def sample(self, cond: Conditions, latent_shape: tuple[int, ...], *args: Any, **kwargs: Any) -> torch.Tensor:
+        latents = super().sample(cond, latent_shape, *args, **kwargs)
+        if self.image_first_frame:  # the pipeline's last step: the first frame is the image's latent
+            latents = torch.cat([cond["image_latents"].to(latents.dtype), latents[:, :, 1:]], dim=2)
+        return latents
