@@ -17,6 +17,7 @@ class ModelConfig:
     dtype: str = "float32"  # weights as loaded; bf16 for real runs
     flow_shift: float = 1.0  # time shift of the training sigmas (flow matching)
     offload_encoders: bool = False  # VAE / text / image encoders on the CPU between uses
+    task: str = ""  # "": the pipeline's; i2v trains Wan2.2 TI2V-5B (saved as WanPipeline) on first frames
 
 
 @dataclass
@@ -79,6 +80,7 @@ class TrainConfig:
     checkpoint_every: int = 0  # 0: only at the end
     keep_checkpoints: int = 3
     max_nonfinite: int = 10  # non-finite losses skipped before the run aborts
+    experts: str = "both"  # two-expert models (Wan2.2 A14B): both | high | low noise expert trains
 
 
 @dataclass

@@ -10,12 +10,15 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+import diffusers
 import torch
 
 from common.config import add_config_args, config_from_args
 from common.errors import ConfigError
 from videodpo.config import RunConfig
 from videodpo.models import VideoModelAdapter, load_adapter
+from videodpo.models.experts import EXPORT_DIRS, TimestepExperts, experts_of
+from videodpo.models.wan import ORIGINAL_LORA_FILE
 from videodpo.validation import generate, write_clips, write_contact_sheet
 
 HELP = "generate clips from a trained model or checkpoint"
@@ -46,28 +49,39 @@ def load_for_sampling(cfg: RunConfig) -> VideoModelAdapter:
         return load_adapter(path)
     if not cfg.model.path:
         raise ConfigError(f"model.path: needed to apply {path} to its base model")
-    adapter = load_adapter(cfg.model.path)
-    if (path / LORA_FILE).is_file():
-        adapter.transformer.load_lora_adapter(path / LORA_FILE, prefix="transformer")
-        return adapter
-    from videodpo.models.wan import ORIGINAL_LORA_FILE
-
-    if (path / ORIGINAL_LORA_FILE).is_file():  # lora.export_format: original (diffusers converts it)
-        import diffusers
-
-        pipeline_class = getattr(diffusers, adapter.pipeline_classes[adapter.task])
-        lora = pipeline_class.lora_state_dict(str(path / ORIGINAL_LORA_FILE))
-        adapter.transformer.load_lora_adapter(lora[0] if isinstance(lora, tuple) else lora, prefix="transformer")
+    adapter = load_adapter(cfg.model.path, task=cfg.model.task)
+    experts = experts_of(adapter.transformer)
+    # one LoRA folder, or one a trained expert of a two-expert model (high_noise/, low_noise/)
+    folders = {name: path / sub for name, sub in EXPORT_DIRS.items() if name in experts and (path / sub).is_dir()}
+    loaded = [_load_lora(adapter, experts[name], folder) for name, folder in (folders or {"transformer": path}).items()]
+    if loaded and all(loaded):
         return adapter
     if not path.is_dir():
         raise ConfigError(f"sample.checkpoint: {path} is not a model, LoRA or checkpoint directory")
     from common.checkpoint import Checkpointer
     from videodpo.trainer import _add_lora
 
+    if isinstance(adapter.transformer, TimestepExperts):  # the checkpoint's LoRAs: its trained experts
+        adapter.transformer.train_experts(cfg.train.experts)
     if cfg.lora.enabled:
         _add_lora(adapter.transformer, cfg)
     Checkpointer(path.parent).load(model=adapter.transformer, which=path)
     return adapter
+
+
+def _load_lora(adapter: VideoModelAdapter, transformer: torch.nn.Module, folder: Path) -> bool:
+    """Apply the LoRA export in `folder` (diffusers' file, else the original Wan layout,
+    which diffusers converts) to `transformer`, with its saved alpha; False when `folder`
+    holds neither. Read through the pipeline's `lora_state_dict`, as
+    `pipe.load_lora_weights` reads it: a path given to `load_lora_adapter` alone loses
+    the adapter metadata (alpha = rank)."""
+    pipeline_class = getattr(diffusers, adapter.pipeline_classes[adapter.task])
+    for name in (LORA_FILE, ORIGINAL_LORA_FILE):
+        if (folder / name).is_file():
+            lora, metadata = pipeline_class.lora_state_dict(str(folder / name), return_lora_metadata=True)
+            transformer.load_lora_adapter(lora, prefix="transformer", metadata=metadata)
+            return True
+    return False
 
 
 def run(args: argparse.Namespace) -> int:

@@ -43,9 +43,17 @@ from common.config import add_config_args, check_run_dir, config_from_args, save
 from common.errors import ConfigError, UserError
 from videodpo.config import RunConfig
 from videodpo.data.loader import PairLoader, PairSampler
-from videodpo.losses import LOSS_KINDS, loss_weights, per_sample_error, reg_dpo_loss
-from videodpo.models import VideoModelAdapter, load_adapter
+from videodpo.losses import LOSS_KINDS, loss_weights, reg_dpo_loss
+from videodpo.models import VideoModelAdapter, load_adapter, reference_skeleton, weights_for
 from videodpo.models.base import Conditions
+from videodpo.models.experts import (
+    EXPERT_CHOICES,
+    EXPERT_NAMES,
+    EXPORT_DIRS,
+    TimestepExperts,
+    iter_expert_state,
+    trained_experts,
+)
 from videodpo.parallel import ParallelLayout, build_layout
 
 logger = logging.getLogger(__name__)
@@ -121,8 +129,9 @@ def random_pair_batch(adapter: VideoModelAdapter, batch_size: int, num_frames: i
     text_len = getattr(cfg, "max_text_seq_length", None) or 8
     cond: Conditions = {"text": torch.randn(batch_size, text_len, text_dim, generator=g)}
     if adapter.task == "i2v":
-        extra = cfg.in_channels - channels
-        cond["image_latents"] = torch.randn(batch_size, extra, num_frames, height, width, generator=g)
+        extra = cfg.in_channels - channels  # mask + image channels; 0: the image is the first frame (TI2V)
+        frames = num_frames if extra else 1
+        cond["image_latents"] = torch.randn(batch_size, extra or channels, frames, height, width, generator=g)
     return PairBatch(torch.randn(shape, generator=g), torch.randn(shape, generator=g), cond)
 
 
@@ -139,6 +148,7 @@ class TrainingState:
     scheduler: torch.optim.lr_scheduler.LambdaLR
     layout: ParallelLayout
     generator: torch.Generator
+    timestep_range: tuple[float, float | None] = (0.0, None)  # where training draws t (expert choice)
     step: int = 0
     nonfinite: int = 0
     history: list[dict] = field(default_factory=list)
@@ -155,11 +165,14 @@ class TrainingState:
 
 @contextlib.contextmanager
 def _adapters_disabled(model: nn.Module) -> Iterator[None]:
-    model.disable_adapters()
+    experts = trained_experts(model).values()
+    for expert in experts:
+        expert.disable_adapters()
     try:
         yield
     finally:
-        model.enable_adapters()
+        for expert in experts:
+            expert.enable_adapters()
 
 
 def warmup_cosine(warmup: int, total: int, min_ratio: float) -> Callable[[int], float]:
@@ -179,10 +192,11 @@ def _add_lora(model: nn.Module, cfg: RunConfig) -> None:
     from peft import LoraConfig
 
     model.requires_grad_(False)
-    model.add_adapter(
-        LoraConfig(r=cfg.lora.rank, lora_alpha=cfg.lora.alpha, lora_dropout=cfg.lora.dropout,
-                   target_modules=list(cfg.lora.target_modules), init_lora_weights=True)
-    )
+    for expert in trained_experts(model).values():  # one adapter per expert that trains
+        expert.add_adapter(
+            LoraConfig(r=cfg.lora.rank, lora_alpha=cfg.lora.alpha, lora_dropout=cfg.lora.dropout,
+                       target_modules=list(cfg.lora.target_modules), init_lora_weights=True)
+        )
 
 
 def validate_config(cfg: RunConfig) -> None:
@@ -192,6 +206,10 @@ def validate_config(cfg: RunConfig) -> None:
         raise ConfigError("parallel.pair=2 needs a preference loss (dpo or reg_dpo): SFT has one sample")
     if cfg.train.mixed_precision not in ("no", "bf16"):
         raise ConfigError(f"train.mixed_precision must be 'no' or 'bf16', got {cfg.train.mixed_precision!r}")
+    if cfg.model.task not in ("", "t2v", "i2v"):
+        raise ConfigError(f"model.task must be empty (the pipeline's), t2v or i2v, got {cfg.model.task!r}")
+    if cfg.train.experts not in EXPERT_CHOICES:
+        raise ConfigError(f"train.experts must be one of {sorted(EXPERT_CHOICES)}, got {cfg.train.experts!r}")
     if cfg.lora.export_format not in ("diffusers", "original", "both"):
         raise ConfigError(f"lora.export_format must be diffusers, original or both, got {cfg.lora.export_format!r}")
     if cfg.train.grad_accum < 1 or cfg.train.batch_size < 1:
@@ -217,8 +235,7 @@ def build_training_state(cfg: RunConfig, adapter: VideoModelAdapter | None = Non
     is the policy with adapters disabled, and the LoRA weights start from
     `init_lora_weights(policy, cfg.train.seed)` on every path.
     """
-    from common.fsdp import SafetensorsWeights, StateDictWeights, to_dtype
-    from videodpo.models import transformer_skeleton
+    from common.fsdp import StateDictWeights, to_dtype
 
     validate_config(cfg)
     layout = build_layout(cfg.parallel)
@@ -226,21 +243,33 @@ def build_training_state(cfg: RunConfig, adapter: VideoModelAdapter | None = Non
         if not cfg.model.path:
             raise ConfigError("model.path: set it to a local diffusers model directory")
         adapter = load_adapter(cfg.model.path, dtype=to_dtype(cfg.model.dtype), flow_shift=cfg.model.flow_shift,
-                               transformer_weights=False, encoders=not cfg.data.latent_cache)
-        weights: Any = SafetensorsWeights(Path(cfg.model.path) / "transformer")
+                               transformer_weights=False, encoders=not cfg.data.latent_cache,
+                               task=cfg.model.task)
+        weights: Any = weights_for(cfg.model.path, adapter.transformer)
     else:
         weights = StateDictWeights(dict(adapter.transformer.state_dict()))
     adapter.place_encoders(layout.device, offload=cfg.model.offload_encoders)
     if adapter.objective.kind == "flow_matching":
         adapter.objective.shift = cfg.model.flow_shift
     policy = adapter.transformer
+    timestep_range: tuple[float, float | None] = (0.0, None)
+    if isinstance(policy, TimestepExperts):
+        if cfg.regularizer.mode != "off":
+            raise ConfigError("regularizer.mode: the data regularizer is not supported for two-expert models "
+                              "(transformer_2) yet; set regularizer.mode=off")
+        policy.train_experts(cfg.train.experts)
+        timestep_range = policy.timestep_range()
+    elif cfg.train.experts != "both":
+        raise ConfigError(f"train.experts={cfg.train.experts}: {cfg.model.path or 'the model'} has one "
+                          "transformer; high / low need a two-expert model (transformer_2, boundary_ratio)")
     reference = None
     if cfg.lora.enabled:
         _add_lora(policy, cfg)
-        lora_modules = sorted({n.split(".lora_A.")[0] for n, _ in policy.named_parameters() if ".lora_A." in n})
-        adapter.check_lora_export(cfg.lora.export_format, lora_modules)
+        for expert in trained_experts(policy).values():
+            lora_modules = sorted({n.split(".lora_A.")[0] for n, _ in expert.named_parameters() if ".lora_A." in n})
+            adapter.check_lora_export(cfg.lora.export_format, lora_modules)
     elif cfg.loss.kind != "sft":
-        reference = transformer_skeleton(type(policy), policy.config, adapter.dtype).requires_grad_(False)
+        reference = reference_skeleton(policy, adapter.dtype)
     _place_model(layout, cfg, policy, weights, trainable=True)
     if reference is not None:
         _place_model(layout, cfg, reference, weights, trainable=False)
@@ -252,7 +281,7 @@ def build_training_state(cfg: RunConfig, adapter: VideoModelAdapter | None = Non
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
     # Pair and cp ranks of one data rank must draw the same timesteps and noise.
     generator = torch.Generator().manual_seed(cfg.train.seed + 7919 * layout.dp_rank)
-    return TrainingState(cfg, adapter, policy, reference, optimizer, scheduler, layout, generator)
+    return TrainingState(cfg, adapter, policy, reference, optimizer, scheduler, layout, generator, timestep_range)
 
 
 def _place_model(layout: ParallelLayout, cfg: RunConfig, model: nn.Module, weights: Any, trainable: bool) -> None:
@@ -324,7 +353,7 @@ def pair_errors(state: TrainingState, batch: PairBatch) -> tuple[torch.Tensor, .
     adapter, objective, layout = state.adapter, state.adapter.objective, state.layout
     batch = batch.to(layout.device)
     b = batch.chosen.shape[0]
-    t = objective.sample_timesteps(b, state.generator).to(layout.device)
+    t = objective.sample_timesteps(b, state.generator, *state.timestep_range).to(layout.device)
     noise = torch.randn(batch.chosen.shape, generator=state.generator).to(layout.device, batch.chosen.dtype)
     sft_only = state.cfg.loss.kind == "sft"
     if sft_only:
@@ -336,15 +365,13 @@ def pair_errors(state: TrainingState, batch: PairBatch) -> tuple[torch.Tensor, .
         x = torch.cat([batch.chosen, batch.rejected])
         cond = {k: torch.cat([v, v]) for k, v in batch.cond.items()}
         tt, nn_ = torch.cat([t, t]), torch.cat([noise, noise])
-    noisy = objective.add_noise(x, nn_, tt)
-    target = objective.target(x, nn_, tt)
     with _autocast(state):
-        e_policy = per_sample_error(adapter.predict(state.policy, noisy, tt, cond), target)
+        e_policy = adapter.training_error(state.policy, x, nn_, tt, cond)
     if sft_only:
         return e_policy, None, None, None
     with torch.no_grad(), state.reference_context(), _autocast(state):
         ref_model = state.reference if state.reference is not None else state.policy
-        e_ref = per_sample_error(adapter.predict(ref_model, noisy, tt, cond), target)
+        e_ref = adapter.training_error(ref_model, x, nn_, tt, cond)
     if layout.pair_size == 2:
         e_policy = layout.gather_pair(e_policy)
         e_ref = layout.gather_pair(e_ref.detach())
@@ -356,6 +383,8 @@ def training_step(state: TrainingState, batches: list[PairBatch]) -> dict[str, f
     cfg = state.cfg
     dpo_w, sft_w = loss_weights(cfg.loss.kind, cfg.loss.sft_weight)
     state.optimizer.zero_grad(set_to_none=True)
+    if isinstance(state.policy, TimestepExperts):
+        state.policy.reset_routed()
     sums: dict[str, float] = {}
     finite = True
     for i, batch in enumerate(batches):
@@ -372,6 +401,7 @@ def training_step(state: TrainingState, batches: list[PairBatch]) -> dict[str, f
         for k, v in metrics.items():
             sums[k] = sums.get(k, 0.0) + v / len(batches)
     state.layout.reduce_gradients(state.policy)
+    _drop_idle_expert_gradients(state)
     params = [p for p in state.policy.parameters() if p.requires_grad]
     grad_norm = float("nan")
     if finite:
@@ -398,6 +428,21 @@ def training_step(state: TrainingState, batches: list[PairBatch]) -> dict[str, f
     state.step += 1
     sums.update(grad_norm=grad_norm, lr=state.scheduler.get_last_lr()[0], nonfinite_steps=float(state.nonfinite))
     return sums
+
+
+def _drop_idle_expert_gradients(state: TrainingState) -> None:
+    """A two-expert policy: the expert that no sample of this step reached, on any rank,
+    takes no optimizer step (lockstep left it exact zeros, which AdamW would still act on)."""
+    policy = state.policy
+    if not isinstance(policy, TimestepExperts):
+        return
+    counts = torch.tensor([float(policy.routed[n]) for n in EXPERT_NAMES], device=state.layout.device)
+    if state.layout.world_size > 1:
+        dist.all_reduce(counts)
+    for name, count in zip(EXPERT_NAMES, counts.tolist()):
+        if count == 0 and name in policy.experts:
+            for p in policy.experts[name].parameters():
+                p.grad = None
 
 
 def build_training_step(
@@ -441,7 +486,10 @@ def open_training_data(cfg: RunConfig, adapter: VideoModelAdapter) -> Any:
 
 
 def export_model(state: TrainingState, out_dir: Path) -> Path:
-    """LoRA weights in diffusers format, or a full `save_pretrained` directory."""
+    """LoRA weights (`lora.export_format`), or a full `save_pretrained` directory. A
+    two-expert model's LoRAs go one folder per trained expert (`high_noise/`,
+    `low_noise/`), each loadable with `pipe.load_lora_weights` (the low-noise one with
+    `load_into_transformer_2=True`); its full export holds both transformers."""
     from common.fsdp import full_state_dict
 
     full = full_state_dict(state.policy) if state.layout.world_size > 1 else None
@@ -450,22 +498,38 @@ def export_model(state: TrainingState, out_dir: Path) -> Path:
     if state.lora:
         from peft.utils import get_peft_model_state_dict
 
-        sd = get_peft_model_state_dict(state.policy, state_dict=full)
-        metadata = state.policy.peft_config["default"].to_dict()  # lora_alpha: the loaded scale
-        return state.adapter.save_lora(out_dir, sd, metadata, state.cfg.lora.export_format)
+        two = isinstance(state.policy, TimestepExperts)
+        for name, expert in trained_experts(state.policy).items():
+            part = None if full is None else dict(iter_expert_state(full, name)) if two else full
+            sd = get_peft_model_state_dict(expert, state_dict=part)
+            metadata = expert.peft_config["default"].to_dict()  # lora_alpha: the loaded scale
+            state.adapter.save_lora(out_dir / EXPORT_DIRS[name] if two else out_dir, sd, metadata,
+                                    state.cfg.lora.export_format)
+        return out_dir
     model = state.policy
     if full is not None:
-        model = type(state.adapter).transformer_class.from_config(state.policy.config)
-        model.load_state_dict(full)
+        model = _unsharded_copy(type(state.adapter).transformer_class, state.policy, full)
     return state.adapter.save_pretrained(out_dir, transformer=model)
+
+
+def _unsharded_copy(cls: type[nn.Module], model: nn.Module, full: dict[str, torch.Tensor]) -> nn.Module:
+    """A plain `cls` (FSDP2 changes the wrapped model's class) holding the tensors `full`;
+    for two experts, one `cls` each."""
+    if isinstance(model, TimestepExperts):
+        parts = {n: cls.from_config(e.config) for n, e in model.experts.items()}
+        copy = TimestepExperts(parts, model.boundary, model.num_train_timesteps)
+    else:
+        copy = cls.from_config(model.config)
+    copy.load_state_dict(full)
+    return copy
 
 
 # Settings that change what a checkpoint means: a resume with other values stops.
 # (Memory knobs such as activation checkpointing or offloading may change.)
-RESUME_KEYS = ("model.path", "model.dtype", "model.flow_shift", "loss", "lora", "optim",
+RESUME_KEYS = ("model.path", "model.task", "model.dtype", "model.flow_shift", "loss", "lora", "optim",
                "parallel.dp_shard", "parallel.cp", "parallel.cp_mode", "parallel.pair", "parallel.fsdp",
                "parallel.param_dtype", "train.steps", "train.batch_size", "train.grad_accum",
-               "train.seed", "data.manifest", "data.latent_cache", "data.num_frames", "data.height",
+               "train.seed", "train.experts", "data.manifest", "data.latent_cache", "data.num_frames", "data.height",
                "data.width", "regularizer")
 
 
