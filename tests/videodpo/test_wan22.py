@@ -1,6 +1,7 @@
-"""Wan2.2 on tiny pipelines built from configs and saved: TI2V-5B as text-to-video (the
-48-channel VAE, `expand_timesteps`) trains, predicts as the pipeline does and samples;
-the two-expert A14B layout and TI2V image conditioning are refused on load (not built yet)."""
+"""Wan2.2 TI2V-5B on tiny pipelines built from configs and saved: as text-to-video (the
+48-channel VAE, `expand_timesteps`) and as image-to-video (the image's latent as the first
+frame at t = 0, left out of the error) it trains, predicts and samples as the pipelines
+do. The two-expert A14B is in `test_wan22_experts.py`."""
 
 from __future__ import annotations
 
@@ -91,13 +92,70 @@ def test_ti2v_5b_reg_dpo_step_trains_the_transformer(ti2v_dir, tmp_path):
     assert any(not torch.equal(before[k], moved[k]) for k in before)
 
 
-def test_wan22_a14b_two_experts_are_refused_until_supported(tmp_path):
-    model_dir = build_tiny_wan22_pipeline(tmp_path / "a14b", "a14b")
-    with pytest.raises(ConfigError, match="transformer_2"):
-        load_adapter(model_dir)
+def test_ti2v_5b_image_to_video_predicts_and_samples_as_the_pipeline(tmp_path):
+    from diffusers import WanImageToVideoPipeline
+    from PIL import Image
+
     model_dir = build_tiny_wan22_pipeline(tmp_path / "ti2v_i2v", "ti2v_5b_i2v")
-    with pytest.raises(ConfigError, match="expand_timesteps"):
-        load_adapter(model_dir, encoders=False)
+    adapter = load_adapter(model_dir)
+    assert adapter.task == "i2v" and adapter.image_first_frame
+    pipe = WanImageToVideoPipeline.from_pretrained(model_dir)
+    g = torch.Generator().manual_seed(5)
+    image = Image.fromarray((torch.rand(64, 64, 3, generator=g) * 255).byte().numpy())
+    first = pipe.video_processor.preprocess(image, height=64, width=64)
+    cond = adapter.prepare_conditions([PROMPT], first, 5)
+    assert cond["image_latents"].shape == (1, 48, 1, 4, 4)  # the image's own latent, no mask channels
+    # predict: the first latent frame is the image's, its tokens at t = 0 (the pipeline's forward)
+    noisy = torch.randn(1, 48, 2, 4, 4, generator=g)
+    t = torch.tensor([700.0])
+    got = adapter.predict(adapter.transformer, noisy, t, cond)
+    mask = torch.ones(1, 1, 2, 4, 4)
+    mask[:, :, 0] = 0
+    with torch.no_grad():
+        want = adapter.transformer(hidden_states=(1 - mask) * cond["image_latents"] + mask * noisy,
+                                   timestep=(mask[0][0][:, ::2, ::2] * t).flatten()[None],
+                                   encoder_hidden_states=cond["text"], return_dict=False)[0]
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    sampled = adapter.sample(cond, (1, 48, 2, 4, 4), num_steps=2, generator=torch.Generator().manual_seed(3))
+    expected = pipe(image=image, prompt=PROMPT, num_frames=5, height=64, width=64, num_inference_steps=2,
+                    guidance_scale=1.0, max_sequence_length=cond["text"].shape[1],
+                    generator=torch.Generator().manual_seed(3), output_type="latent").frames
+    torch.testing.assert_close(sampled, expected, rtol=1e-4, atol=1e-4)
+    # the error leaves the image's frame out: what x0 holds there does not count
+    x0 = torch.randn(2, 48, 2, 4, 4, generator=g)
+    noise, tt = torch.randn(2, 48, 2, 4, 4, generator=g), torch.tensor([700.0, 300.0])
+    two = {k: v.expand(2, *v.shape[1:]) for k, v in cond.items()}
+    with torch.no_grad():
+        e = adapter.training_error(adapter.transformer, x0, noise, tt, two)
+        other = x0.clone()
+        other[:, :, 0] += 5
+        torch.testing.assert_close(adapter.training_error(adapter.transformer, other, noise, tt, two), e)
+        other[:, :, 1] += 5
+        assert (adapter.training_error(adapter.transformer, other, noise, tt, two) - e).abs().min() > 1
+
+
+def test_ti2v_5b_image_to_video_reg_dpo_step_from_a_t2v_folder(ti2v_dir, tmp_path):
+    """`model.task: i2v` trains the TI2V-5B folder (saved as WanPipeline) on first frames;
+    a Wan2.1 text-to-video folder refuses it (its transformer has no image input)."""
+    g = torch.Generator().manual_seed(0)
+    pairs = []
+    for i in range(2):
+        chosen = torch.rand(3, 5, 64, 64, generator=g) * 2 - 1
+        pairs.append({"chosen": chosen, "rejected": chosen.roll(8, dims=-1), "caption": f"a square moving {i}"})
+    cfg = RunConfig(out_dir=str(tmp_path / "run"))
+    cfg.model.path, cfg.model.task = str(ti2v_dir), "i2v"
+    cfg.loss.kind, cfg.loss.beta = "reg_dpo", 100.0
+    cfg.optim.lr, cfg.train.steps, cfg.train.batch_size, cfg.data.num_workers = 1e-3, 1, 2, 0
+    start = WanPipeline.from_pretrained(ti2v_dir).transformer.state_dict()
+    result = train(cfg, dataset=pairs)
+    assert result.steps == 1 and torch.isfinite(torch.tensor(result.history[0]["loss"]))
+    moved = WanPipeline.from_pretrained(result.export_dir).transformer.state_dict()
+    assert sum(not torch.equal(start[k], moved[k]) for k in start) > len(start) // 2
+    from tests.videodpo.tiny_models import build_tiny_wan_pipeline
+
+    wan21 = build_tiny_wan_pipeline(tmp_path / "wan21", "t2v")
+    with pytest.raises(ConfigError, match="model.task=i2v"):
+        load_adapter(wan21, task="i2v")
 
 
 def test_memory_estimator_rows_for_wan22(ti2v_dir):

@@ -174,8 +174,9 @@ def tiny_wan22_vae():
 def build_tiny_wan22_pipeline(out_dir: str | Path, kind: str = "ti2v_5b", seed: int = 0) -> Path:
     """Save a random tiny Wan2.2 pipeline: `ti2v_5b` (`WanPipeline`, 48-channel VAE,
     `expand_timesteps`; sizes multiples of 32), `ti2v_5b_i2v` (the same as
-    `WanImageToVideoPipeline`) or `a14b` (two 2-layer experts split at
-    `boundary_ratio` 0.875, the Wan2.1 VAE)."""
+    `WanImageToVideoPipeline`), `a14b` (two 2-layer experts split at
+    `boundary_ratio` 0.875, the Wan2.1 VAE) or `a14b_i2v` (the same as image-to-video,
+    `boundary_ratio` 0.9)."""
     from diffusers import FlowMatchEulerDiscreteScheduler, WanPipeline, WanTransformer3DModel
 
     torch.manual_seed(seed)
@@ -198,8 +199,17 @@ def build_tiny_wan22_pipeline(out_dir: str | Path, kind: str = "ti2v_5b", seed: 
     elif kind == "a14b":
         pipe = WanPipeline(transformer=tiny_wan_transformer("t2v"), transformer_2=tiny_wan_transformer("t2v"),
                            vae=tiny_wan_vae(), boundary_ratio=0.875, **parts)
+    elif kind == "a14b_i2v":  # 36 input channels (mask + image latents), no CLIP image encoder
+        from diffusers import WanImageToVideoPipeline
+
+        experts = [WanTransformer3DModel(
+            patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=16, in_channels=36,
+            out_channels=16, text_dim=TEXT_DIM, freq_dim=32, ffn_dim=64, num_layers=2, rope_max_seq_len=64,
+        ).eval() for _ in range(2)]  # fmt: skip
+        pipe = WanImageToVideoPipeline(transformer=experts[0], transformer_2=experts[1], vae=tiny_wan_vae(),
+                                       boundary_ratio=0.9, image_encoder=None, image_processor=None, **parts)
     else:
-        raise ValueError(f"kind must be ti2v_5b, ti2v_5b_i2v or a14b, got {kind!r}")
+        raise ValueError(f"kind must be ti2v_5b, ti2v_5b_i2v, a14b or a14b_i2v, got {kind!r}")
     out_dir = Path(out_dir)
     pipe.save_pretrained(out_dir)
     return out_dir
