@@ -10,19 +10,15 @@ import pytest
 import torch
 
 from common.errors import DataError
+from videodpo.captions import CAPTION_LENGTH, CAPTION_VOCAB, COLOURS, DIRECTIONS, tokenize_caption
 from videodpo.data.motion import motion_fidelity, track_centroids
 from videodpo.data.synthetic import (
-    CAPTION_LENGTH,
-    CAPTION_VOCAB,
-    COLOURS,
-    DIRECTIONS,
     ClipRecord,
     WorldConfig,
     caption,
     caption_tokens,
     render_clip,
     sample_records,
-    tokenize_caption,
     write_dataset,
 )
 from videodpo.data.video_io import load_clip

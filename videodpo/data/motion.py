@@ -16,7 +16,8 @@ from dataclasses import replace
 
 import torch
 
-from videodpo.data.synthetic import COLOURS, ClipRecord, render_clip, trajectory
+from videodpo.captions import COLOURS
+from videodpo.data.synthetic import ClipRecord, render_clip, trajectory
 
 TRACK_BY: tuple[str, ...] = ("intensity", "colour")
 

@@ -15,7 +15,7 @@ import torch
 from diffusers import CogVideoXDDIMScheduler, FlowMatchEulerDiscreteScheduler
 
 from common.errors import DataError
-from videodpo.data.synthetic import CAPTION_LENGTH, CAPTION_VOCAB, tokenize_caption
+from videodpo.captions import CAPTION_LENGTH, CAPTION_VOCAB, tokenize_caption
 from videodpo.losses import DiffusionObjective
 from videodpo.models.base import VideoModelAdapter
 
