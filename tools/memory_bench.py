@@ -229,8 +229,8 @@ def _trainer_step(cfg: BenchConfig, layout: Layout, h: int, w: int):
     from diffusers import WanTransformer3DModel
 
     from videodpo.config import LossConfig, OptimConfig, ParallelConfig, RunConfig, TrainConfig
-    from videodpo.losses import DiffusionObjective
     from videodpo.models.wan import WanAdapter
+    from videodpo.objective import DiffusionObjective
     from videodpo.trainer import build_training_step, random_pair_batch
 
     torch.manual_seed(cfg.seed)

@@ -120,7 +120,7 @@ class RealModel:
         """A videodpo adapter over `transformer` with no encoders (training on latents)."""
         import torch
 
-        from videodpo.losses import DiffusionObjective
+        from videodpo.objective import DiffusionObjective
 
         if self.family == "wan":
             from videodpo.models.wan import WanAdapter

@@ -252,8 +252,8 @@ def test_fsdp_two_processes_equal_one():
 def test_ghost_path_on_video_transformers_equals_materialized(family):
     """Wan's root and blocks own a `scale_shift_table` besides their children (tapped per
     sample); CogVideoX's patch conv sees B x F frame rows: both through the ghost path."""
-    from videodpo.losses import per_sample_error
     from videodpo.models.tiny import build_pixel_adapter
+    from videodpo.objective import per_sample_error
 
     adapter = build_pixel_adapter(family, "t2v", seed=0, height=8, width=8, num_frames=4)
     objective = adapter.objective

@@ -9,8 +9,8 @@ import pytest
 import torch
 
 from videodpo.config import RunConfig
-from videodpo.losses import per_sample_error
 from videodpo.models.tiny import build_pixel_adapter
+from videodpo.objective import per_sample_error
 from videodpo.trainer import build_training_step, random_pair_batch
 
 

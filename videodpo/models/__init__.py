@@ -19,11 +19,11 @@ import torch
 from torch import nn
 
 from common.errors import ConfigError
-from videodpo.losses import DiffusionObjective
 from videodpo.models.base import Conditions, VideoModelAdapter, read_pixel_meta
 from videodpo.models.cogvideox import CogVideoXAdapter
 from videodpo.models.experts import ExpertWeights, TimestepExperts
 from videodpo.models.wan import WanAdapter
+from videodpo.objective import DiffusionObjective
 
 ADAPTERS: dict[str, type[VideoModelAdapter]] = {"wan": WanAdapter, "cogvideox": CogVideoXAdapter}
 PIPELINES: dict[str, tuple[str, str]] = {

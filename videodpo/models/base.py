@@ -38,8 +38,8 @@ import torch
 from torch import nn
 
 from common.errors import ConfigError
-from videodpo.losses import DiffusionObjective, per_sample_error
 from videodpo.models.experts import experts_of
+from videodpo.objective import DiffusionObjective, per_sample_error
 
 Conditions = dict[str, torch.Tensor]
 PIXEL_MODEL_FILE = "videodpo_model.json"

@@ -16,8 +16,8 @@ from diffusers import CogVideoXDDIMScheduler, FlowMatchEulerDiscreteScheduler
 
 from common.errors import DataError
 from videodpo.captions import CAPTION_LENGTH, CAPTION_VOCAB, tokenize_caption
-from videodpo.losses import DiffusionObjective
 from videodpo.models.base import VideoModelAdapter
+from videodpo.objective import DiffusionObjective
 
 
 class CaptionEncoder:
