@@ -284,7 +284,8 @@ def test_raw_clip_training_encodes_on_the_gpu(tmp_path, offload):
 
     from tests.videodpo.tiny_models import build_tiny_wan_pipeline
     from videodpo.config import RunConfig
-    from videodpo.trainer import build_training_state, collate_pairs
+    from videodpo.data.pairs import collate_pairs
+    from videodpo.state import build_training_state
 
     cfg = RunConfig(out_dir=str(tmp_path / "run"))
     cfg.model.path, cfg.model.offload_encoders = str(build_tiny_wan_pipeline(tmp_path / "wan", "i2v")), offload

@@ -103,7 +103,7 @@ def test_real_configs_build_the_released_sizes():
 
 
 def test_bare_loop_computes_what_the_trainer_computes():
-    from videodpo.trainer import build_training_step
+    from videodpo.step import build_training_step
 
     torch.manual_seed(0)
     transformer = TINY_WAN.build()

@@ -224,14 +224,15 @@ def model_state_bytes(policy: Any, reference: Any, optimizer: Any) -> int:
 
 def _trainer_step(cfg: BenchConfig, layout: Layout, h: int, w: int):
     """`(step(frames), model_state_bytes())` over the project's Reg-DPO training step,
-    `videodpo.trainer.build_training_step`, with `layout` as its parallel config."""
+    `videodpo.step.build_training_step`, with `layout` as its parallel config."""
     import torch
     from diffusers import WanTransformer3DModel
 
     from videodpo.config import LossConfig, OptimConfig, ParallelConfig, RunConfig, TrainConfig
+    from videodpo.data.pairs import random_pair_batch
     from videodpo.models.wan import WanAdapter
     from videodpo.objective import DiffusionObjective
-    from videodpo.trainer import build_training_step, random_pair_batch
+    from videodpo.step import build_training_step
 
     torch.manual_seed(cfg.seed)
     adapter = WanAdapter(WanTransformer3DModel(**cfg.model.wan_kwargs()), scheduler=None, task="t2v",

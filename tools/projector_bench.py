@@ -204,7 +204,7 @@ def bench_dapo(n: int, args: argparse.Namespace) -> list[dict]:
 def _wan_state(n: int, frames: int, size: int, path: str, ghost_pairs: str, mode: str):
     from videodpo.config import RunConfig
     from videodpo.models.tiny import build_pixel_adapter
-    from videodpo.trainer import build_training_state
+    from videodpo.state import build_training_state
 
     cfg = RunConfig(out_dir="/tmp/unused")
     cfg.optim.lr = 1e-5
@@ -220,12 +220,13 @@ def bench_regdpo(n: int, args: argparse.Namespace, frames: int, size: int, varia
                  case: str) -> list[dict]:
     """Reg-DPO projector steps on the tiny Wan against a plain Reg-DPO step (batch of
     `--video-pairs` pairs of frames x size x size clips, n general clips)."""
+    from videodpo.data.pairs import random_pair_batch
     from videodpo.regularized_step import (
         GeneralClips,
         build_video_regularizer,
         general_training_step,
     )
-    from videodpo.trainer import random_pair_batch, training_step
+    from videodpo.step import training_step
 
     cfg, plain = _wan_state(n, frames, size, "ghost", "auto", "off")
     batch = random_pair_batch(plain.adapter, args.video_pairs, frames, size, size)

@@ -141,7 +141,7 @@ class RealModel:
         """One preference pair of random latents and conditions at the model's real shapes."""
         import torch
 
-        from videodpo.trainer import PairBatch
+        from videodpo.data.pairs import PairBatch
 
         g = torch.Generator().manual_seed(seed)
         c = self.latent_channels
@@ -374,7 +374,7 @@ def measure_on_rank(case: Case) -> dict[str, Any]:
     import torch.distributed as dist
 
     from common.metrics import current_memory_mb, peak_memory_mb, reset_peak_memory
-    from videodpo.trainer import build_training_step
+    from videodpo.step import build_training_step
 
     torch.manual_seed(0)
     model = case.model
@@ -517,7 +517,7 @@ def measure_overhead(model: RealModel, frames: int, latent_hw: tuple[int, int], 
 
     import torch
 
-    from videodpo.trainer import build_training_step
+    from videodpo.step import build_training_step
 
     torch.manual_seed(0)
     transformer = model.build()
@@ -586,7 +586,7 @@ def setup_peak_on_rank(model_path: str, world: int) -> dict[str, Any]:
     import gc
 
     from common.metrics import current_memory_mb, peak_memory_mb, reset_peak_memory
-    from videodpo.trainer import build_training_state
+    from videodpo.state import build_training_state
 
     cfg = run_config(LAYOUTS["plain"] if world == 1 else LayoutSpec("fsdp2", world))
     cfg.model.path = model_path
@@ -790,7 +790,7 @@ def cuda_step_report(model: RealModel, resolution: str, frames: int, layout: Lay
     import torch
 
     from common.metrics import peak_memory_mb, reset_peak_memory
-    from videodpo.trainer import build_training_step
+    from videodpo.step import build_training_step
 
     cuda = torch.cuda.is_available() and (device is None or str(device).startswith("cuda"))
     dtype = dtype or (torch.bfloat16 if cuda else torch.float32)

@@ -15,7 +15,7 @@ e(model, x) of the run's objective (flow matching or epsilon / v prediction).
 
 Timesteps and noise are drawn before the loss function runs and travel in the batch, so
 the regularizer's passes see the same ones. Pair timesteps come from the run's generator
-(as `videodpo.trainer.pair_errors` draws them); the general batch and its noise come
+(as `videodpo.step.pair_errors` draws them); the general batch and its noise come
 from a generator seeded by (seed, step) alone: every rank draws the same general batch
 and a resumed run the same as an uninterrupted one.
 
@@ -189,7 +189,7 @@ def build_video_regularizer(state: Any) -> DataRegularizer | None:
 def general_training_step(state: Any, batches: list[Any], general: GeneralClips,
                           regularizer: DataRegularizer | None) -> dict[str, float]:
     """One optimizer step with general clips (mix or projector); metrics as
-    `videodpo.trainer.training_step` reports them, plus `general_sft` and projector stats."""
+    `videodpo.step.training_step` reports them, plus `general_sft` and projector stats."""
     cfg = state.cfg
     reg = cfg.regularizer
     loss_fn = RegDpoSampleLoss(state)

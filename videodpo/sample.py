@@ -59,12 +59,12 @@ def load_for_sampling(cfg: RunConfig) -> VideoModelAdapter:
     if not path.is_dir():
         raise ConfigError(f"sample.checkpoint: {path} is not a model, LoRA or checkpoint directory")
     from common.checkpoint import Checkpointer
-    from videodpo.trainer import _add_lora
+    from videodpo.state import add_lora
 
     if isinstance(adapter.transformer, TimestepExperts):  # the checkpoint's LoRAs: its trained experts
         adapter.transformer.train_experts(cfg.train.experts)
     if cfg.lora.enabled:
-        _add_lora(adapter.transformer, cfg)
+        add_lora(adapter.transformer, cfg)
     Checkpointer(path.parent).load(model=adapter.transformer, which=path)
     return adapter
 

@@ -140,7 +140,7 @@ class Validator:
         self.pairs = None
         if cfg.validation.manifest:
             from videodpo.data.dataset import PairDataset
-            from videodpo.trainer import collate_pairs
+            from videodpo.data.pairs import collate_pairs
 
             data = PairDataset(cfg.validation.manifest, num_frames=cfg.data.num_frames or None,
                                height=cfg.data.height or None, width=cfg.data.width or None,

@@ -139,7 +139,7 @@ def test_trainer_exports_both_layouts_that_reproduce_the_trained_model(tmp_path)
 def test_export_format_is_checked_before_training(tmp_path):
     from videodpo.config import RunConfig
     from videodpo.models import load_adapter
-    from videodpo.trainer import build_training_state
+    from videodpo.state import build_training_state
 
     model_dir = build_tiny_wan_pipeline(tmp_path / "wan", "t2v")
     cfg = RunConfig(out_dir=str(tmp_path / "run"))

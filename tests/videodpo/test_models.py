@@ -9,9 +9,10 @@ import pytest
 import torch
 
 from videodpo.config import RunConfig
+from videodpo.data.pairs import random_pair_batch
 from videodpo.models.tiny import build_pixel_adapter
 from videodpo.objective import per_sample_error
-from videodpo.trainer import build_training_step, random_pair_batch
+from videodpo.step import build_training_step
 
 
 def _cfg(kind: str, lr: float = 1e-3) -> RunConfig:
@@ -150,8 +151,8 @@ def test_raw_clips_encode_on_the_encoder_device_and_offload_after(tmp_path, offl
     from unittest import mock
 
     from tests.videodpo.tiny_models import build_tiny_wan_pipeline
+    from videodpo.data.pairs import collate_pairs
     from videodpo.models import load_adapter
-    from videodpo.trainer import collate_pairs
 
     adapter = load_adapter(build_tiny_wan_pipeline(tmp_path / "wan", "t2v"))
     adapter.place_encoders(torch.device("cpu"), offload=offload)

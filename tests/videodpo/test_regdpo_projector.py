@@ -12,6 +12,7 @@ from common.errors import ConfigError
 from common.regularizer import RegularizerConfig
 from tests.multiproc import run_on_ranks
 from tests.videodpo.test_trainer import WORLD, PairList, _adapter, _cfg
+from videodpo.data.pairs import collate_pairs
 from videodpo.data.synthetic import render_batch, sample_records
 from videodpo.models.tiny import build_pixel_adapter
 from videodpo.regularized_step import (
@@ -21,7 +22,9 @@ from videodpo.regularized_step import (
     general_training_step,
     pair_batch,
 )
-from videodpo.trainer import build_training_state, collate_pairs, train, training_step
+from videodpo.state import build_training_state
+from videodpo.step import training_step
+from videodpo.trainer import train
 
 # Weights agree to 0; a bias gradient is a sum over ~500 tokens, formed by the ghost path as
 # a ones-column product: fp32 summation order moves it by up to 3e-6 (2e-5 relative).

@@ -11,10 +11,12 @@ import torch
 
 from common.errors import DataError, UserError
 from videodpo.config import RunConfig
+from videodpo.data.loader import PairSampler
 from videodpo.data.synthetic import WorldConfig, caption, render_batch, sample_records
 from videodpo.models import load_adapter
 from videodpo.models.tiny import build_pixel_adapter
-from videodpo.trainer import PairSampler, train, warmup_cosine
+from videodpo.state import warmup_cosine
+from videodpo.trainer import train
 
 WORLD = WorldConfig(height=8, width=8, num_frames=4, shape_size=4, slow_step=1, fast_step=2)
 
@@ -294,7 +296,8 @@ def test_training_from_the_latent_cache_equals_training_from_clips(tmp_path):
 
 
 def test_activation_checkpointing_leaves_the_step_unchanged(tmp_path):
-    from videodpo.trainer import build_training_step, random_pair_batch
+    from videodpo.data.pairs import random_pair_batch
+    from videodpo.step import build_training_step
 
     results = []
     for every in (0, 1):
@@ -316,25 +319,26 @@ def _accumulate(rank, world_size, out_dir):
 
     import torch.distributed as dist
 
-    import videodpo.trainer as trainer
+    import videodpo.step as step
     from common.fsdp import full_state_dict
+    from videodpo.data.pairs import random_pair_batch
 
     cfg = _cfg(Path(out_dir), steps=2)
     cfg.optim.eps = 1e-4
     cfg.train.grad_accum, cfg.parallel.pair = 4, world_size
     adapter = _adapter()
     start = {k: v.clone() for k, v in adapter.transformer.state_dict().items()}
-    step_fn, state = trainer.build_training_step(cfg, adapter)
-    batches = [trainer.random_pair_batch(adapter, 1, 4, 8, 8, seed=s) for s in range(4)]
+    step_fn, state = step.build_training_step(cfg, adapter)
+    batches = [random_pair_batch(adapter, 1, 4, 8, 8, seed=s) for s in range(4)]
     scatter = mock.patch.object(dist, "reduce_scatter_single", wraps=dist.reduce_scatter_single)
     seen_at_loss: list[int] = []
-    real_loss = trainer.reg_dpo_loss
+    real_loss = step.reg_dpo_loss
 
     def counting_loss(*args, **kwargs):
         seen_at_loss.append(counter.call_count)
         return real_loss(*args, **kwargs)
 
-    with scatter as counter, mock.patch.object(trainer, "reg_dpo_loss", counting_loss):
+    with scatter as counter, mock.patch.object(step, "reg_dpo_loss", counting_loss):
         metrics = step_fn(batches)
         total = counter.call_count
     params = full_state_dict(state.policy)
@@ -362,7 +366,8 @@ def _set_up_both_ways(rank, world_size, model_dir, out_dir):
     from unittest import mock
 
     from common.fsdp import SafetensorsWeights, full_state_dict
-    from videodpo.trainer import build_training_step, random_pair_batch
+    from videodpo.data.pairs import random_pair_batch
+    from videodpo.step import build_training_step
 
     reads: list[tuple[str, int | None, int | None]] = []
     real_rows = SafetensorsWeights.rows

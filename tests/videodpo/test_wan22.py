@@ -179,7 +179,7 @@ def test_shipped_wan22_config_loads():
     from pathlib import Path
 
     from common.config import load_config
-    from videodpo.trainer import validate_config
+    from videodpo.state import validate_config
 
     path = Path(__file__).parents[2] / "configs" / "video" / "wan2.2_ti2v_5b_regdpo.yaml"
     cfg = load_config(RunConfig, path)

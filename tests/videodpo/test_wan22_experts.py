@@ -15,7 +15,8 @@ from tests.videodpo.tiny_models import build_tiny_wan22_pipeline
 from videodpo.config import RunConfig
 from videodpo.models import load_adapter
 from videodpo.models.experts import TimestepExperts
-from videodpo.trainer import build_training_state, train
+from videodpo.state import build_training_state
+from videodpo.trainer import train
 
 PROMPT = "a red square moving left"
 BOUNDARY = 875.0  # boundary_ratio 0.875 of 1000 train timesteps
@@ -228,7 +229,7 @@ def test_kill_and_resume_with_two_experts_gives_identical_parameters(a14b_dir, t
 
 def test_shipped_a14b_config_loads():
     from common.config import load_config
-    from videodpo.trainer import validate_config
+    from videodpo.state import validate_config
 
     path = Path(__file__).parents[2] / "configs" / "video" / "wan2.2_t2v_a14b_regdpo.yaml"
     cfg = load_config(RunConfig, path)
