@@ -129,7 +129,7 @@ def pair_batch(state: Any, batch: Any) -> dict[str, torch.Tensor]:
     """A `PairBatch` with its t and noise drawn from the run's generator (as
     `pair_errors` draws them), as one dict of tensors."""
     b = batch.chosen.shape[0]
-    t = state.adapter.objective.sample_timesteps(b, state.generator)
+    t = state.adapter.objective.sample_timesteps(b, state.generator, *state.timestep_range)
     noise = torch.randn(batch.chosen.shape, generator=state.generator).to(batch.chosen.dtype)
     out = {"chosen": batch.chosen, "rejected": batch.rejected, "t": t, "noise": noise}
     out.update({f"cond/{k}": v for k, v in batch.cond.items()})

@@ -40,35 +40,42 @@ def _autocast(state: TrainingState) -> contextlib.AbstractContextManager:
     return contextlib.nullcontext()
 
 
-def pair_errors(state: TrainingState, batch: PairBatch) -> tuple[torch.Tensor, ...]:
-    """Per-sample errors (policy_w, policy_l, ref_w, ref_l) of one micro-batch; rejected
-    and reference are None for SFT. Timestep and noise are shared within a pair."""
-    adapter, objective, layout = state.adapter, state.adapter.objective, state.layout
+def pair_errors(state: TrainingState, batch: PairBatch) -> tuple[torch.Tensor | None, ...]:
+    """Per-sample errors (policy_w, policy_l, ref_w, ref_l) of one micro-batch, each
+    `(pairs,)`; rejected and reference are None for SFT. Timestep and noise are drawn
+    once per pair and shared by its two clips."""
+    adapter, layout = state.adapter, state.layout
     batch = batch.to(layout.device)
-    b = batch.chosen.shape[0]
-    t = objective.sample_timesteps(b, state.generator, *state.timestep_range).to(layout.device)
+    pairs = batch.chosen.shape[0]
+    t = adapter.objective.sample_timesteps(pairs, state.generator, *state.timestep_range).to(layout.device)
     noise = torch.randn(batch.chosen.shape, generator=state.generator).to(layout.device, batch.chosen.dtype)
-    sft_only = state.cfg.loss.kind == "sft"
-    if sft_only:
-        x, cond, tt, nn_ = batch.chosen, batch.cond, t, noise
-    elif layout.pair_size == 2:
-        x = batch.chosen if layout.pair_rank == 0 else batch.rejected
-        cond, tt, nn_ = batch.cond, t, noise
-    else:
-        x = torch.cat([batch.chosen, batch.rejected])
-        cond = {k: torch.cat([v, v]) for k, v in batch.cond.items()}
-        tt, nn_ = torch.cat([t, t]), torch.cat([noise, noise])
+    sft = state.cfg.loss.kind == "sft"
+    clips, cond, t, noise = _this_ranks_samples(batch, t, noise, sft, layout.pair_size, layout.pair_rank)
     with _autocast(state):
-        e_policy = adapter.training_error(state.policy, x, nn_, tt, cond)
-    if sft_only:
-        return e_policy, None, None, None
+        policy_errors = adapter.training_error(state.policy, clips, noise, t, cond)
+    if sft:
+        return policy_errors, None, None, None
     with torch.no_grad(), state.reference_context(), _autocast(state):
-        ref_model = state.reference if state.reference is not None else state.policy
-        e_ref = adapter.training_error(ref_model, x, nn_, tt, cond)
-    if layout.pair_size == 2:
-        e_policy = layout.gather_pair(e_policy)
-        e_ref = layout.gather_pair(e_ref.detach())
-    return e_policy[:b], e_policy[b:], e_ref[:b], e_ref[b:]
+        reference = state.reference if state.reference is not None else state.policy
+        reference_errors = adapter.training_error(reference, clips, noise, t, cond)
+    if layout.pair_size == 2:  # [preferred; rejected] from the two pair ranks
+        policy_errors = layout.gather_pair(policy_errors)
+        reference_errors = layout.gather_pair(reference_errors.detach())
+    return policy_errors[:pairs], policy_errors[pairs:], reference_errors[:pairs], reference_errors[pairs:]
+
+
+def _this_ranks_samples(
+    batch: PairBatch, t: torch.Tensor, noise: torch.Tensor, sft: bool, pair_size: int, pair_rank: int
+) -> tuple[torch.Tensor, dict[str, torch.Tensor], torch.Tensor, torch.Tensor]:
+    """(clips, conditions, timesteps, noise) this rank runs: the preferred clips for SFT;
+    with pair parallelism its own side of each pair (rank 0 preferred, rank 1 rejected);
+    otherwise both sides, `[preferred; rejected]`, each pair's t and noise twice."""
+    if sft:
+        return batch.chosen, batch.cond, t, noise
+    if pair_size == 2:
+        return (batch.chosen if pair_rank == 0 else batch.rejected), batch.cond, t, noise
+    cond = {k: torch.cat([v, v]) for k, v in batch.cond.items()}
+    return torch.cat([batch.chosen, batch.rejected]), cond, torch.cat([t, t]), torch.cat([noise, noise])
 
 
 def training_step(state: TrainingState, batches: list[PairBatch]) -> dict[str, float]:
