@@ -332,3 +332,9 @@ def check_run_dir(cfg: Any, run_dir: str | Path, key: str, resume_keys: Sequence
         raise ConfigError(f"{key}: {run_dir} is a file, expected a directory for the run")
     if resume_keys is not None:
         check_resume_config(cfg, run_dir, resume_keys, force)
+
+
+def check_config(cfg: Any) -> None:
+    """Check a config built or changed in code as `load_config` checks a file: types,
+    `Literal` choices and `LIMITS` (a ConfigError naming the key)."""
+    _build(type(cfg), to_dict(cfg), prefix="", source="config", origins={})

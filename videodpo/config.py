@@ -7,8 +7,10 @@ read (through `common.config.load_config`); every default lives here and only he
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Literal
 
 from common.regularizer import RegularizerConfig
+from videodpo.losses import LossKind
 
 
 @dataclass
@@ -17,7 +19,7 @@ class ModelConfig:
     dtype: str = "float32"  # weights as loaded; bf16 for real runs
     flow_shift: float = 1.0  # time shift of the training sigmas (flow matching)
     offload_encoders: bool = False  # VAE / text / image encoders on the CPU between uses
-    task: str = ""  # "": the pipeline's; i2v trains Wan2.2 TI2V-5B (saved as WanPipeline) on first frames
+    task: Literal["", "t2v", "i2v"] = ""  # "": the pipeline's; i2v trains Wan2.2 TI2V-5B (saved as WanPipeline) on first frames
 
 
 @dataclass
@@ -37,7 +39,7 @@ class DataConfig:
 @dataclass
 class LossConfig:
     LIMITS = {"beta": ">0", "sft_weight": ">=0"}
-    kind: str = "reg_dpo"  # sft | dpo | reg_dpo
+    kind: LossKind = "reg_dpo"
     beta: float = 500.0
     sft_weight: float = 1.0  # lambda of Reg-DPO
 
@@ -50,7 +52,7 @@ class LoraConfig:
     alpha: int = 16
     dropout: float = 0.0
     target_modules: list[str] = field(default_factory=lambda: ["to_q", "to_k", "to_v", "to_out.0"])
-    export_format: str = "diffusers"  # diffusers | original (Wan layout: ComfyUI, Wan repo) | both
+    export_format: Literal["diffusers", "original", "both"] = "diffusers"  # original: the Wan layout (ComfyUI)
 
 
 @dataclass
@@ -75,12 +77,12 @@ class TrainConfig:
     batch_size: int = 1  # pairs per data-parallel rank per micro-step
     grad_accum: int = 1
     seed: int = 0
-    mixed_precision: str = "no"  # no | bf16 (autocast where the device supports it)
+    mixed_precision: Literal["no", "bf16"] = "no"  # bf16: autocast where the device supports it
     log_every: int = 10
     checkpoint_every: int = 0  # 0: only at the end
     keep_checkpoints: int = 3
     max_nonfinite: int = 10  # non-finite losses skipped before the run aborts
-    experts: str = "both"  # two-expert models (Wan2.2 A14B): both | high | low noise expert trains
+    experts: Literal["both", "high", "low"] = "both"  # two-expert models (Wan2.2 A14B): which trains
 
 
 @dataclass
@@ -88,7 +90,7 @@ class ParallelConfig:
     LIMITS = {"dp_shard": ">=-1", "cp": ">=1", "pair": "[1,2]", "activation_checkpointing": ">=0"}
     dp_shard: int = -1  # FSDP degree; -1: what pair and cp leave
     cp: int = 1
-    cp_mode: str = "ulysses"  # ulysses | ring
+    cp_mode: Literal["ulysses", "ring"] = "ulysses"
     pair: int = 1  # 2: preferred and rejected sample on two ranks
     fsdp: bool = True  # shard with FSDP2 when there is more than one rank
     param_dtype: str = ""  # FSDP mixed precision, e.g. bfloat16; "" keeps the weights' dtype
@@ -139,7 +141,7 @@ class RegularizerSection:
     """General clips (no pairs) beside the pairs; see `videodpo.regularized_step`."""
 
     LIMITS = {"mix_weight": ">=0"}
-    mode: str = "off"  # off | mix | projector
+    mode: Literal["off", "mix", "projector"] = "off"
     general_manifest: str = ""  # clip manifest: `video` + `caption` rows
     general_cache: str = ""  # or a latent cache whose `chosen` latents are the clips
     mix_weight: float = 1.0  # mix: weight of the general clips' mean SFT error

@@ -13,12 +13,16 @@ samples, both on is Reg-DPO.
 
 from __future__ import annotations
 
+import typing
+from typing import Literal
+
 import torch
 import torch.nn.functional as F
 
 from videodpo.objective import at_least_fp32
 
-LOSS_KINDS = ("sft", "dpo", "reg_dpo")
+LossKind = Literal["sft", "dpo", "reg_dpo"]  # loss.kind
+LOSS_KINDS: tuple[str, ...] = typing.get_args(LossKind)
 
 
 def reg_dpo_loss(

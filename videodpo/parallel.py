@@ -51,8 +51,6 @@ class ParallelLayout:
             from common.cp_plans import apply_context_parallel
             from videodpo.models.cp_plans import cp_plan_for
 
-            if cfg.cp_mode not in ("ulysses", "ring"):
-                raise ConfigError(f"parallel.cp_mode must be 'ulysses' or 'ring', got {cfg.cp_mode!r}")
             ulysses = self.cp_size if cfg.cp_mode == "ulysses" else 1
             groups = build_cp_groups(self.mesh, ulysses=ulysses)
             for expert in experts_of(model).values():

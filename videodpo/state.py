@@ -24,12 +24,12 @@ import torch
 from peft import LoraConfig
 from torch import nn
 
+from common.config import check_config
 from common.errors import ConfigError, UserError
 from common.fsdp import StateDictWeights, load_weights, materialize, to_dtype
 from videodpo.config import RunConfig
-from videodpo.losses import LOSS_KINDS
 from videodpo.models import VideoModelAdapter, load_adapter, reference_skeleton, weights_for
-from videodpo.models.experts import EXPERT_CHOICES, TimestepExperts, trained_experts
+from videodpo.models.experts import TimestepExperts, trained_experts
 from videodpo.parallel import ParallelLayout, build_layout
 from videodpo.regularized_step import check_regularizer
 
@@ -94,20 +94,12 @@ def add_lora(model: nn.Module, cfg: RunConfig) -> None:
 
 
 def validate_config(cfg: RunConfig) -> None:
-    if cfg.loss.kind not in LOSS_KINDS:
-        raise ConfigError(f"loss.kind must be one of {LOSS_KINDS}, got {cfg.loss.kind!r}")
+    """One-line ConfigErrors before anything is built: every field's type, choice and
+    range (`common.config.check_config`, also for configs made in code), then the
+    combinations that cannot run."""
+    check_config(cfg)
     if cfg.parallel.pair == 2 and cfg.loss.kind == "sft":
         raise ConfigError("parallel.pair=2 needs a preference loss (dpo or reg_dpo): SFT has one sample")
-    if cfg.train.mixed_precision not in ("no", "bf16"):
-        raise ConfigError(f"train.mixed_precision must be 'no' or 'bf16', got {cfg.train.mixed_precision!r}")
-    if cfg.model.task not in ("", "t2v", "i2v"):
-        raise ConfigError(f"model.task must be empty (the pipeline's), t2v or i2v, got {cfg.model.task!r}")
-    if cfg.train.experts not in EXPERT_CHOICES:
-        raise ConfigError(f"train.experts must be one of {sorted(EXPERT_CHOICES)}, got {cfg.train.experts!r}")
-    if cfg.lora.export_format not in ("diffusers", "original", "both"):
-        raise ConfigError(f"lora.export_format must be diffusers, original or both, got {cfg.lora.export_format!r}")
-    if cfg.train.grad_accum < 1 or cfg.train.batch_size < 1:
-        raise ConfigError("train.grad_accum and train.batch_size must be >= 1")
     check_regularizer(cfg)
 
 
