@@ -70,8 +70,10 @@ from common.seed_summary import (
 )
 from videodpo.annotated_pairs import annotate_pairs
 from videodpo.config import RunConfig
+from videodpo.data.manifest import write_manifest
 from videodpo.data.motion import motion_fidelity
 from videodpo.data.synthetic import WorldConfig, caption, miscaptioned, render_batch, sample_records
+from videodpo.data.video_io import write_video
 from videodpo.models import load_adapter
 from videodpo.models.tiny import build_pixel_adapter
 from videodpo.trainer import train
@@ -300,9 +302,6 @@ def _plain(value):
 
 
 def _write_pairs(out_dir: Path, chosen: torch.Tensor, rejected: torch.Tensor, captions: list[str], fps: float) -> Path:
-    from videodpo.data.manifest import write_manifest
-    from videodpo.data.video_io import write_video
-
     rows = []
     for i, (c, r, text) in enumerate(zip(chosen, rejected, captions)):
         rows.append({"chosen": str(write_video(out_dir / f"real_{i:04d}.mp4", c, fps=fps)),
@@ -321,7 +320,7 @@ def format_table(summary: dict) -> str:
 
 
 def _plot_seed(rows: dict, histories: dict, path: Path) -> None:
-    import matplotlib
+    import matplotlib  # lazy: plotting only, after training; keeps matplotlib off the import path
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -343,7 +342,7 @@ def _plot_seed(rows: dict, histories: dict, path: Path) -> None:
 
 
 def _plot_summary(summary: dict, path: Path) -> None:
-    import matplotlib
+    import matplotlib  # lazy: plotting only, after training; keeps matplotlib off the import path
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt

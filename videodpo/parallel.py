@@ -16,9 +16,20 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from common.context_parallel import build_cp_groups
+from common.cp_plans import apply_context_parallel
 from common.distributed import ParallelDims, build_mesh, init_distributed
 from common.errors import ConfigError
+from common.fsdp import apply_activation_checkpointing, apply_fsdp
+from common.pair_parallel import (
+    fsdp_mesh,
+    gather_pair_errors,
+    pair_group,
+    reduce_gradients,
+    set_fsdp_gradient_reduction,
+)
 from videodpo.config import ParallelConfig
+from videodpo.models.cp_plans import cp_plan_for
 from videodpo.models.experts import TimestepExperts, experts_of
 
 
@@ -44,13 +55,7 @@ class ParallelLayout:
 
     def parallelize(self, model: nn.Module, cfg: ParallelConfig, trainable: bool) -> nn.Module:
         """Context parallelism, activation checkpointing (policy) and FSDP2, from outside."""
-        from common.fsdp import apply_activation_checkpointing, apply_fsdp
-
         if self.cp_size > 1:
-            from common.context_parallel import build_cp_groups
-            from common.cp_plans import apply_context_parallel
-            from videodpo.models.cp_plans import cp_plan_for
-
             ulysses = self.cp_size if cfg.cp_mode == "ulysses" else 1
             groups = build_cp_groups(self.mesh, ulysses=ulysses)
             for expert in experts_of(model).values():
@@ -59,8 +64,6 @@ class ParallelLayout:
             model.lockstep = True  # ranks that route differently still run the same collectives
         ac_every = cfg.activation_checkpointing if trainable else 0
         if self.sharded(cfg):
-            from common.pair_parallel import fsdp_mesh, set_fsdp_gradient_reduction
-
             # The pair and cp ranks each hold a share of one sample's gradient: FSDP's
             # reduction becomes a sum over those shares and a mean over data ranks.
             apply_fsdp(model, mesh=fsdp_mesh(self.mesh), param_dtype=cfg.param_dtype or None,
@@ -81,16 +84,12 @@ class ParallelLayout:
 
     def gather_pair(self, errors: torch.Tensor) -> torch.Tensor:
         """This rank's per-sample errors -> [preferred; rejected] from both pair ranks."""
-        from common.pair_parallel import gather_pair_errors, pair_group
-
         return torch.cat(gather_pair_errors(errors, pair_group(self.mesh)))
 
     def reduce_gradients(self, model: nn.Module) -> None:
         """Without FSDP: sum gradient shares over pair and cp, average over data ranks."""
         if self.world_size == 1 or self.fsdp:
             return
-        from common.pair_parallel import reduce_gradients
-
         reduce_gradients(model.parameters(), self.mesh)
 
     def all_ranks_agree(self, flag: bool) -> bool:

@@ -40,6 +40,7 @@ from __future__ import annotations
 
 import math
 import random
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -47,6 +48,9 @@ import torch.distributed as dist
 
 from common.errors import ConfigError, DataError
 from common.regularizer import DataRegularizer, RegularizerStats
+from videodpo.data.dataset import CachedPairDataset
+from videodpo.data.manifest import read_manifest_rows, resolve_path
+from videodpo.data.video_io import load_clip
 from videodpo.losses import loss_weights, reg_dpo_sample_losses
 
 
@@ -84,17 +88,10 @@ class GeneralClips:
         """Read every clip named by `regularizer.general_manifest` or `.general_cache`."""
         reg = cfg.regularizer
         if reg.general_cache:
-            from videodpo.data.dataset import CachedPairDataset
-
             data = CachedPairDataset(reg.general_cache, expect_model=cfg.model.path or None)
             items = [{"clip": it["chosen"], "text": it["text"]} for it in
                      (data.load(i) for i in range(len(data.cache)))]
             return cls(items, reg.general_cache)
-        from pathlib import Path
-
-        from videodpo.data.manifest import read_manifest_rows, resolve_path
-        from videodpo.data.video_io import load_clip
-
         path = Path(reg.general_manifest)
         items = []
         for row in read_manifest_rows(path):

@@ -13,12 +13,15 @@ from pathlib import Path
 import diffusers
 import torch
 
+from common.checkpoint import Checkpointer
 from common.config import add_config_args, config_from_args
 from common.errors import ConfigError
 from videodpo.config import RunConfig
+from videodpo.data.video_io import load_image
 from videodpo.models import VideoModelAdapter, load_adapter
 from videodpo.models.experts import EXPORT_DIRS, TimestepExperts, experts_of
 from videodpo.models.wan import ORIGINAL_LORA_FILE
+from videodpo.state import add_lora
 from videodpo.validation import generate, write_clips, write_contact_sheet
 
 HELP = "generate clips from a trained model or checkpoint"
@@ -30,8 +33,6 @@ def resolve_checkpoint(cfg: RunConfig) -> Path:
         return Path(cfg.sample.checkpoint)
     out = Path(cfg.out_dir)
     if cfg.sample.checkpoint == "latest":
-        from common.checkpoint import Checkpointer
-
         latest = Checkpointer(out / "checkpoints").latest()
         if latest is None:
             raise ConfigError(f"sample.checkpoint=latest: no checkpoint under {out / 'checkpoints'}")
@@ -58,9 +59,6 @@ def load_for_sampling(cfg: RunConfig) -> VideoModelAdapter:
         return adapter
     if not path.is_dir():
         raise ConfigError(f"sample.checkpoint: {path} is not a model, LoRA or checkpoint directory")
-    from common.checkpoint import Checkpointer
-    from videodpo.state import add_lora
-
     if isinstance(adapter.transformer, TimestepExperts):  # the checkpoint's LoRAs: its trained experts
         adapter.transformer.train_experts(cfg.train.experts)
     if cfg.lora.enabled:
@@ -95,8 +93,6 @@ def run(args: argparse.Namespace) -> int:
     adapter.place_encoders(device, offload=cfg.model.offload_encoders)
     first = None
     if adapter.task == "i2v":
-        from videodpo.data.video_io import load_image
-
         if len(s.first_frames) != len(s.prompts):
             raise ConfigError("sample.first_frames: an I2V model needs one image per prompt")
         first = torch.stack([load_image(p, s.height, s.width) for p in s.first_frames])

@@ -15,9 +15,14 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from PIL import Image, ImageDraw
 from torch import nn
 
 from videodpo.config import RunConfig
+from videodpo.data.dataset import PairDataset
+from videodpo.data.motion import motion_fidelity
+from videodpo.data.pairs import collate_pairs
+from videodpo.data.video_io import load_image, write_video
 from videodpo.models import VideoModelAdapter
 from videodpo.models.base import Conditions
 
@@ -97,8 +102,6 @@ def generate(
 def write_contact_sheet(clips: torch.Tensor, path: str | Path, labels: list[str] | None = None,
                         scale: int = 4) -> Path:
     """One PNG: a row per clip `(N, 3, F, H, W)` in [-1, 1], its frames left to right."""
-    from PIL import Image, ImageDraw
-
     n, _, f, h, w = clips.shape
     gap, label_w = 2, 0 if not labels else 8 * max(len(s) for s in labels) // 1 + 6
     tile_h, tile_w = h * scale, w * scale
@@ -118,16 +121,12 @@ def write_contact_sheet(clips: torch.Tensor, path: str | Path, labels: list[str]
 
 
 def write_clips(clips: torch.Tensor, out_dir: str | Path, fps: float = 8.0, prefix: str = "clip") -> list[Path]:
-    from videodpo.data.video_io import write_video
-
     out_dir = Path(out_dir)
     return [write_video(out_dir / f"{prefix}_{i:03d}.mp4", clip, fps=fps) for i, clip in enumerate(clips)]
 
 
 def motion_scores(clips: torch.Tensor, records: list[Any]) -> float:
     """Mean motion fidelity of clips against their synthetic-world records."""
-    from videodpo.data.motion import motion_fidelity
-
     return sum(motion_fidelity(c, r) for c, r in zip(clips, records)) / max(1, len(records))
 
 
@@ -139,9 +138,6 @@ class Validator:
         self.cfg, self.adapter = cfg, adapter
         self.pairs = None
         if cfg.validation.manifest:
-            from videodpo.data.dataset import PairDataset
-            from videodpo.data.pairs import collate_pairs
-
             data = PairDataset(cfg.validation.manifest, num_frames=cfg.data.num_frames or None,
                                height=cfg.data.height or None, width=cfg.data.width or None,
                                with_first_frame=adapter.task == "i2v")
@@ -170,8 +166,6 @@ class Validator:
         if v.prompts:
             first = None
             if self.adapter.task == "i2v" and v.first_frames:
-                from videodpo.data.video_io import load_image
-
                 first = torch.stack([load_image(p, v.height, v.width) for p in v.first_frames])
             state.policy.eval()
             clips = generate(self.adapter, state.policy, list(v.prompts), v.num_frames, v.height, v.width,

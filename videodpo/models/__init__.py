@@ -16,24 +16,25 @@ from typing import Any
 
 import diffusers
 import torch
+from accelerate import init_empty_weights
 from torch import nn
 
 from common.errors import ConfigError
-from videodpo.models.base import Conditions, VideoModelAdapter, read_pixel_meta
-from videodpo.models.cogvideox import CogVideoXAdapter
+from common.fsdp import SafetensorsWeights
+from videodpo.models.base import (
+    Conditions,
+    VideoModelAdapter,
+    load_encoder_pipeline,
+    read_pixel_meta,
+)
 from videodpo.models.experts import ExpertWeights, TimestepExperts
-from videodpo.models.wan import WanAdapter
+from videodpo.models.registry import ADAPTERS, PIPELINES
+from videodpo.models.tiny import CaptionEncoder
 from videodpo.objective import DiffusionObjective
 
-ADAPTERS: dict[str, type[VideoModelAdapter]] = {"wan": WanAdapter, "cogvideox": CogVideoXAdapter}
-PIPELINES: dict[str, tuple[str, str]] = {
-    "WanPipeline": ("wan", "t2v"),
-    "WanImageToVideoPipeline": ("wan", "i2v"),
-    "CogVideoXPipeline": ("cogvideox", "t2v"),
-    "CogVideoXImageToVideoPipeline": ("cogvideox", "i2v"),
-}
 __all__ = [
     "ADAPTERS",
+    "PIPELINES",
     "Conditions",
     "VideoModelAdapter",
     "load_adapter",
@@ -57,8 +58,6 @@ def transformer_skeleton(cls: type[nn.Module], config: dict, dtype: torch.dtype 
     """`cls` built from `config` with its parameters on the meta device (no memory) and
     its buffers real (rotary tables are computed in `__init__` and are in no weight
     file). Modules diffusers keeps in fp32 (`_keep_in_fp32_modules`) stay fp32."""
-    from accelerate import init_empty_weights
-
     with init_empty_weights(include_buffers=False):
         model = cls.from_config(config)
     if dtype != torch.float32:
@@ -82,23 +81,10 @@ def reference_skeleton(policy: nn.Module, dtype: torch.dtype = torch.float32) ->
 
 def weights_for(path: str | Path, model: nn.Module) -> Any:
     """The safetensors weights of `model`'s transformer folders under pipeline dir `path`."""
-    from common.fsdp import SafetensorsWeights
-
     path = Path(path)
     if isinstance(model, TimestepExperts):
         return ExpertWeights({name: SafetensorsWeights(path / name) for name in model.experts})
     return SafetensorsWeights(path / "transformer")
-
-
-def load_encoder_pipeline(path: str | Path, dtype: torch.dtype = torch.float32) -> Any:
-    """The diffusers pipeline of `path` with VAE, text and image encoders, scheduler and
-    tokenizer, and no transformer (`transformer=None`: nothing of it is read)."""
-    index = Path(path) / "model_index.json"
-    class_name = json.loads(index.read_text()).get("_class_name")
-    extra = {"transformer_2": None} if "transformer_2" in json.loads(index.read_text()) else {}
-    pipe = getattr(diffusers, class_name).from_pretrained(path, transformer=None, dtype=dtype, **extra)
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
 
 
 def load_adapter(
@@ -123,8 +109,6 @@ def load_adapter(
     path = Path(path)
     meta = read_pixel_meta(path)
     if meta is not None:
-        from videodpo.models.tiny import CaptionEncoder
-
         cls = ADAPTERS[meta["family"]]
         transformer = _load_transformer(cls, path / "transformer", dtype, transformer_weights)
         scheduler = _load_scheduler(path / "scheduler")

@@ -34,6 +34,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, ClassVar
 
+import diffusers
 import torch
 from torch import nn
 
@@ -98,8 +99,6 @@ class VideoModelAdapter(ABC):
         """The diffusers pipeline with VAE and encoders, loaded from `model_dir` on first
         use (in the adapter's dtype, without a second transformer); None in pixel space."""
         if self.pipeline is None and self.model_dir is not None:
-            from videodpo.models import load_encoder_pipeline
-
             self.pipeline = load_encoder_pipeline(self.model_dir, self.dtype)
             if not self.offload_encoders:
                 self._move_encoders(self.encoder_device)
@@ -274,13 +273,22 @@ class VideoModelAdapter(ABC):
         """LoRA weights in diffusers format, loadable with `pipe.load_lora_weights(out_dir)`.
         `adapter_metadata` is the peft `LoraConfig.to_dict()`: without it a loader cannot
         know `lora_alpha` and applies the wrong scale when alpha != rank."""
-        import diffusers
-
         self.check_lora_export(export_format, [])
         out_dir = Path(out_dir)
         getattr(diffusers, self.pipeline_classes[self.task]).save_lora_weights(
             out_dir, transformer_lora_layers=lora_state_dict, transformer_lora_adapter_metadata=adapter_metadata)
         return out_dir
+
+
+def load_encoder_pipeline(path: str | Path, dtype: torch.dtype = torch.float32) -> Any:
+    """The diffusers pipeline of `path` with VAE, text and image encoders, scheduler and
+    tokenizer, and no transformer (`transformer=None`: nothing of it is read)."""
+    index = Path(path) / "model_index.json"
+    class_name = json.loads(index.read_text()).get("_class_name")
+    extra = {"transformer_2": None} if "transformer_2" in json.loads(index.read_text()) else {}
+    pipe = getattr(diffusers, class_name).from_pretrained(path, transformer=None, dtype=dtype, **extra)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
 
 
 def read_pixel_meta(path: str | Path) -> dict | None:

@@ -17,11 +17,13 @@ of a transformer through the adapters' `cp_plan`.
 from __future__ import annotations
 
 import torch
+from diffusers.models.embeddings import apply_rotary_emb
 from torch import nn
 
 from common.attention import attention_with_lse, merge_by_lse
 from common.context_parallel import all_gather_sum_grad, context_parallel_attention, valid_length
 from common.cp_plans import ContextParallelPlan, CPState, GatherOutput, SplitInput, SplitOutput
+from videodpo.models.base import VideoModelAdapter
 
 __all__ = ["COGVIDEOX_CP_PLAN", "WAN_CP_PLAN", "cp_plan_for"]
 
@@ -112,8 +114,6 @@ class CogVideoXContextParallelProcessor:
         attention_mask: torch.Tensor | None = None,
         image_rotary_emb: tuple[torch.Tensor, torch.Tensor] | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        from diffusers.models.embeddings import apply_rotary_emb
-
         if attention_mask is not None:
             raise ValueError("CogVideoXContextParallelProcessor does not take an attention mask")
         groups, seq_len, layout = self.state.groups, self.state.seq_len, self.state.layout
@@ -174,11 +174,11 @@ COGVIDEOX_CP_PLAN = ContextParallelPlan(
 
 
 def cp_plan_for(transformer: nn.Module) -> ContextParallelPlan:
-    """The context-parallel plan of the adapter whose transformer class `transformer` is."""
-    from videodpo.models import ADAPTERS
-
-    for adapter in ADAPTERS.values():
+    """The context-parallel plan of the adapter whose transformer class `transformer` is
+    (each adapter declares its `cp_plan`)."""
+    adapters = [cls for cls in VideoModelAdapter.__subclasses__() if getattr(cls, "cp_plan", None) is not None]
+    for adapter in adapters:
         if isinstance(transformer, adapter.transformer_class):
             return adapter.cp_plan
-    names = [a.transformer_class.__name__ for a in ADAPTERS.values()]
+    names = [a.transformer_class.__name__ for a in adapters]
     raise TypeError(f"context parallelism: no plan for {type(transformer).__name__}; plans exist for {names}")

@@ -17,6 +17,8 @@ from diffusers import CogVideoXDDIMScheduler, FlowMatchEulerDiscreteScheduler
 from common.errors import DataError
 from videodpo.captions import CAPTION_LENGTH, CAPTION_VOCAB, tokenize_caption
 from videodpo.models.base import VideoModelAdapter
+from videodpo.models.cogvideox import CogVideoXAdapter
+from videodpo.models.wan import WanAdapter
 from videodpo.objective import DiffusionObjective
 
 
@@ -105,9 +107,7 @@ def build_pixel_adapter(
     **transformer_kwargs: Any,
 ) -> VideoModelAdapter:
     """A randomly initialised pixel-space adapter (seeded) for the synthetic world."""
-    from videodpo.models import ADAPTERS
-
-    cls = ADAPTERS[family]
+    cls = {"wan": WanAdapter, "cogvideox": CogVideoXAdapter}[family]
     torch.manual_seed(seed)
     captions = CaptionEncoder(text_dim, seed)
     if family == "wan":
