@@ -9,8 +9,8 @@ from common.cli import run_cli
 COMMANDS: dict[str, str] = {
     "demo": "videodpo.demo",
     "check-data": "videodpo.data.check",
-    "build-pairs": "videodpo.data.build_pairs",
-    "precompute": "videodpo.data.latent_cache",
+    "build-pairs": "videodpo.build_pairs",
+    "precompute": "videodpo.precompute",
     "train": "videodpo.trainer",
     "sample": "videodpo.sample",
 }

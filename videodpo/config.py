@@ -1,7 +1,9 @@
 """Training and sampling configuration of videodpo, one dataclass per concern.
 
 `RunConfig` is what `videodpo train --config CFG` and `videodpo sample --config CFG`
-read (through `common.config.load_config`); every default lives here and only here.
+read (through `common.config.load_config`); `BuildPairsConfig` and `PrecomputeConfig`
+are the data jobs' (`videodpo build-pairs`, `videodpo precompute`). Every default lives
+here and only here.
 """
 
 from __future__ import annotations
@@ -161,3 +163,39 @@ class RunConfig:
     validation: ValidationConfig = field(default_factory=ValidationConfig)
     sample: SampleConfig = field(default_factory=SampleConfig)
     regularizer: RegularizerSection = field(default_factory=RegularizerSection)
+
+
+# ---- the data jobs: `videodpo build-pairs` and `videodpo precompute` ----------------
+
+
+@dataclass
+class BuildPairsConfig:
+    manifest: str = ""  # clip manifest: video, caption, optional image
+    model: str = ""  # local diffusers pipeline directory (model_index.json)
+    out_dir: str = "runs/pairs"
+    task: Literal["auto", "t2v", "i2v"] = "auto"  # auto: from the pipeline class
+    num_frames: int | None = None  # None: each clip's own frame count
+    height: int | None = None  # None: each clip's own size
+    width: int | None = None
+    num_inference_steps: int = 50
+    guidance_scale: float = 5.0
+    negative_prompt: str = ""
+    seed: int = 0  # row r is generated with seed + r
+    max_sequence_length: int = 512
+    dtype: str = "float32"
+    offload_encoders: bool = False  # GPU: each pipeline part on the GPU only while it runs
+    limit: int | None = None  # only the first rows, for a quick look
+
+
+@dataclass
+class PrecomputeConfig:
+    manifest: str = ""  # pair manifest: chosen, rejected, caption, optional image
+    model: str = ""  # local model directory (diffusers pipeline or pixel-space model)
+    out_dir: str = "runs/latents"
+    num_frames: int | None = None  # None: the clips' own frame count
+    height: int | None = None  # None: the clips' own size
+    width: int | None = None
+    rows_per_shard: int = 64
+    dtype: str = "float32"  # model dtype while encoding
+    offload_encoders: bool = False  # keep the encoders on the CPU between rows (on a GPU machine)
+    cache_dtype: str = "float32"  # dtype of the stored tensors

@@ -14,9 +14,10 @@ import yaml
 
 from tests.multiproc import run_on_ranks
 from tests.videodpo.tiny_models import build_tiny_cogvideox_pipeline, build_tiny_wan_pipeline
+from videodpo import build_pairs
+from videodpo.build_pairs import build_gt_pairs, load_pipeline
 from videodpo.cli import main
-from videodpo.data import build_pairs
-from videodpo.data.build_pairs import BuildPairsConfig, build_gt_pairs, load_pipeline
+from videodpo.config import BuildPairsConfig
 from videodpo.data.check import check_manifest
 from videodpo.data.manifest import read_manifest
 from videodpo.data.synthetic import WorldConfig, write_dataset

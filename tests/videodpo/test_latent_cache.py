@@ -17,12 +17,14 @@ from safetensors import safe_open
 
 from common.errors import DataError
 from tests.videodpo.tiny_models import build_tiny_wan_pipeline
+from videodpo import precompute as precompute_job
 from videodpo.cli import main
-from videodpo.data import latent_cache
+from videodpo.config import PrecomputeConfig
 from videodpo.data.dataset import CachedPairDataset, PairDataset
-from videodpo.data.latent_cache import LatentCache, PrecomputeConfig, model_fingerprint, precompute
+from videodpo.data.latent_cache import LatentCache, model_fingerprint
 from videodpo.data.video_io import write_video
 from videodpo.models import load_adapter
+from videodpo.precompute import precompute
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -127,7 +129,7 @@ def test_cache_refuses_another_model(models, pairs, tmp_path):
 
 def test_precompute_resumes_after_interruption(models, pairs, tmp_path, monkeypatch):
     cfg = _cfg(pairs, models["t2v"], tmp_path / "cache", rows_per_shard=1)
-    real = latent_cache.encode_pair
+    real = precompute_job.encode_pair
     calls = {"n": 0}
 
     def interrupted(*args, **kwargs):
@@ -136,11 +138,11 @@ def test_precompute_resumes_after_interruption(models, pairs, tmp_path, monkeypa
             raise KeyboardInterrupt
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(latent_cache, "encode_pair", interrupted)
+    monkeypatch.setattr(precompute_job, "encode_pair", interrupted)
     with pytest.raises(KeyboardInterrupt):
         precompute(cfg)
     first = (tmp_path / "cache" / "shard-r0-00000.safetensors").read_bytes()
-    monkeypatch.setattr(latent_cache, "encode_pair", real)
+    monkeypatch.setattr(precompute_job, "encode_pair", real)
     assert precompute(cfg) == {"encoded": 2, "skipped": 1, "failed": 0}
     assert (tmp_path / "cache" / "shard-r0-00000.safetensors").read_bytes() == first
     resumed = LatentCache(tmp_path / "cache")

@@ -274,7 +274,8 @@ def test_validation_every_n_steps_writes_clips_sheet_and_pair_metrics(tmp_path):
 
 
 def test_training_from_the_latent_cache_equals_training_from_clips(tmp_path):
-    from videodpo.data.latent_cache import PrecomputeConfig, precompute
+    from videodpo.config import PrecomputeConfig
+    from videodpo.precompute import precompute
 
     model_dir = _adapter().save_pretrained(tmp_path / "model")
     manifest = _pair_manifest(tmp_path)

@@ -15,6 +15,8 @@ import argparse
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from PIL import Image
+
 from common.errors import ConfigError, DataError
 from videodpo.data.manifest import ManifestRow, read_manifest_rows, resolve_path
 from videodpo.data.video_io import VideoInfo, probe_video, verify_video
@@ -84,8 +86,6 @@ def _check_image(row: ManifestRow, root: Path) -> list[RowProblem]:
     path = resolve_path(root, str(value))
     if not path.is_file():
         return [RowProblem(row.index, "image", str(value), "file not found")]
-    from PIL import Image
-
     try:
         with Image.open(path) as image:
             image.verify()

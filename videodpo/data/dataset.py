@@ -21,6 +21,7 @@ import torch
 from torch.utils.data import Dataset
 
 from common.errors import DataError
+from videodpo.data.latent_cache import LatentCache
 from videodpo.data.manifest import ManifestRow, read_manifest_rows, resolve_path
 from videodpo.data.video_io import load_clip, load_image
 
@@ -164,8 +165,6 @@ class CachedPairDataset(_SkippingDataset):
         expect_model: str | Path | None = None,
         max_bad_fraction: float = 0.05,
     ) -> None:
-        from videodpo.data.latent_cache import LatentCache
-
         self.cache = LatentCache(cache_dir, expect_model=expect_model)
         self.bad = BadRows(str(self.cache.root), len(self.cache), max_bad_fraction)
 

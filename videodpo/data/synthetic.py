@@ -20,6 +20,8 @@ import torch
 
 from common.errors import DataError
 from videodpo.captions import COLOURS, DIRECTIONS, SHAPES, SPEEDS, tokenize_caption
+from videodpo.data.manifest import write_manifest
+from videodpo.data.video_io import write_video
 
 
 @dataclass
@@ -195,9 +197,6 @@ def render_batch(records: list[ClipRecord]) -> torch.Tensor:
 def write_dataset(out_dir: str | Path, world: WorldConfig, num_clips: int, seed: int) -> Path:
     """Write `num_clips` clips as mp4 under `out_dir/clips/` and a JSONL manifest
     `out_dir/manifest.jsonl` whose rows also carry the record under "world"."""
-    from videodpo.data.manifest import write_manifest
-    from videodpo.data.video_io import write_video
-
     out_dir = Path(out_dir)
     (out_dir / "clips").mkdir(parents=True, exist_ok=True)
     rows = []

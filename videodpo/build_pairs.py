@@ -17,12 +17,14 @@ import logging
 from dataclasses import dataclass
 from pathlib import Path
 
+import diffusers
 import torch
 
 from common.config import add_config_args, config_from_args, save_config
 from common.distributed import all_reduce_values, barrier, init_distributed, is_main_process
 from common.errors import ConfigError, DataError
 from common.metrics import progress
+from videodpo.config import BuildPairsConfig
 from videodpo.data.manifest import (
     ManifestRow,
     append_manifest_row,
@@ -38,30 +40,12 @@ from videodpo.data.video_io import (
     to_pil_image,
     write_video,
 )
+from videodpo.models import PIPELINES
 
 HELP = "build a GT-Pair manifest: real clip preferred, base-model generation rejected"
 logger = logging.getLogger(__name__)
 PAIRS_FILE = "pairs.jsonl"
 JOURNAL_DIR = "journal"
-
-
-@dataclass
-class BuildPairsConfig:
-    manifest: str = ""  # clip manifest: video, caption, optional image
-    model: str = ""  # local diffusers pipeline directory (model_index.json)
-    out_dir: str = "runs/pairs"
-    task: str = "auto"  # t2v | i2v | auto (from the pipeline class)
-    num_frames: int | None = None  # None: each clip's own frame count
-    height: int | None = None  # None: each clip's own size
-    width: int | None = None
-    num_inference_steps: int = 50
-    guidance_scale: float = 5.0
-    negative_prompt: str = ""
-    seed: int = 0  # row r is generated with seed + r
-    max_sequence_length: int = 512
-    dtype: str = "float32"
-    offload_encoders: bool = False  # GPU: each pipeline part on the GPU only while it runs
-    limit: int | None = None  # only the first rows, for a quick look
 
 
 @dataclass
@@ -76,10 +60,6 @@ class BuildSummary:
 
 def load_pipeline(model_dir: str | Path, dtype: torch.dtype, task: str = "auto"):
     """A diffusers video pipeline from a local directory, and its task (t2v / i2v)."""
-    import diffusers
-
-    from videodpo.models import PIPELINES
-
     model_dir = Path(model_dir)
     index = model_dir / "model_index.json"
     if not index.is_file():

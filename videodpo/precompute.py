@@ -1,0 +1,207 @@
+"""`videodpo precompute`: what training needs from a pair manifest, encoded once.
+
+`videodpo precompute --config CFG` encodes both clips of every pair with the model's VAE
+and the caption (and for I2V the first frame) into the adapter's conditions, and writes
+them as safetensors shards, each with a small JSON list of its rows, plus `index.json`.
+Training reads it with `LatentCache` (or `videodpo.data.dataset.CachedPairDataset`)
+without loading the VAE or any encoder. The cache records what produced it: a
+fingerprint of the model folder's encoder files (everything but the transformer and
+scheduler) and the clip settings; `LatentCache(dir, expect_model=...)` refuses a cache
+made by another model, and precompute refuses to add to one. Rows are split over
+data-parallel ranks; shards already written are kept, so an interrupted run resumes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+
+from common.config import add_config_args, config_from_args, save_config
+from common.distributed import all_reduce_values, barrier, init_distributed, is_main_process
+from common.errors import ConfigError, DataError
+from common.metrics import progress
+from videodpo.config import PrecomputeConfig
+from videodpo.data.latent_cache import CACHE_FORMAT, INDEX_FILE, PRODUCER_FILE, model_fingerprint
+from videodpo.data.manifest import ManifestRow, read_manifest_rows, resolve_path
+from videodpo.data.video_io import load_clip, load_image
+from videodpo.models import load_adapter
+
+HELP = "encode a pair manifest into a latent cache (VAE latents + conditions)"
+logger = logging.getLogger(__name__)
+def encode_pair(
+    adapter, row: ManifestRow, root: Path, cfg: PrecomputeConfig
+) -> dict[str, torch.Tensor]:
+    """Latents and conditions of one pair row (batch dimension dropped)."""
+    if row.error is not None:
+        raise DataError(row.error)
+    caption = row.data.get("caption")
+    if not isinstance(caption, str) or not caption.strip():
+        raise DataError("field 'caption' is missing or empty")
+    clips = {}
+    for key in ("chosen", "rejected"):
+        value = row.data.get(key)
+        if not isinstance(value, str) or not value:
+            raise DataError(f"field '{key}' is missing")
+        clips[key] = load_clip(
+            resolve_path(root, value), num_frames=cfg.num_frames, height=cfg.height, width=cfg.width
+        )
+    if clips["chosen"].shape != clips["rejected"].shape:
+        raise DataError(
+            f"chosen {tuple(clips['chosen'].shape)} and rejected {tuple(clips['rejected'].shape)} differ"
+        )
+    chosen = clips["chosen"]
+    first = None
+    if adapter.task == "i2v":
+        image = row.data.get("image")
+        first = (
+            load_image(resolve_path(root, image), chosen.shape[-2], chosen.shape[-1])
+            if image
+            else chosen[:, 0]
+        )
+        first = first[None].to(adapter.encoder_device)
+    with torch.no_grad(), adapter.encoders_on_device():
+        out = adapter.prepare_conditions([caption], first, chosen.shape[1])
+        for key, clip in clips.items():
+            out[key] = adapter.encode_video(clip[None].to(adapter.encoder_device))
+    return {k: v[0].cpu().contiguous() for k, v in out.items()}
+
+
+def _trim_zero_rows(text: torch.Tensor) -> torch.Tensor:
+    """Text embeddings without their trailing all-zero padding rows (Wan pads prompts
+    to 512 tokens with exact zeros); `LatentCache` pads them back on reading."""
+    nonzero = text.reshape(text.shape[0], -1).ne(0).any(dim=1).nonzero()
+    return text[: int(nonzero.max()) + 1 if len(nonzero) else 1].contiguous()
+
+
+def _existing_shards(out_dir: Path) -> list[dict]:
+    return [json.loads(p.read_text()) for p in sorted(out_dir.glob("shard-*.json"))]
+
+
+def _write_shard(out_dir: Path, name: str, tensors: dict, entries: list[dict]) -> None:
+    tmp = out_dir / f"{name}.safetensors.partial"
+    save_file(tensors, str(tmp))
+    tmp.replace(out_dir / f"{name}.safetensors")
+    sidecar = out_dir / f"{name}.json"
+    sidecar.with_suffix(".json.partial").write_text(
+        json.dumps({"shard": f"{name}.safetensors", "entries": entries})
+    )
+    sidecar.with_suffix(".json.partial").replace(sidecar)  # the shard counts once this exists
+
+
+def _claim_producer(out_dir: Path, producer: dict, settings: dict) -> None:
+    path = out_dir / PRODUCER_FILE
+    record = {"producer": producer, "settings": settings}
+    if path.is_file():
+        old = json.loads(path.read_text())
+        if old != record:
+            raise DataError(
+                f"{out_dir}: holds a cache made by {old['producer']['model']} with settings "
+                f"{old['settings']}; it does not match this run; choose another out_dir"
+            )
+        return
+    path.write_text(json.dumps(record, indent=2))
+
+
+def precompute(cfg: PrecomputeConfig) -> dict[str, int]:
+    """Encode the pair manifest into `cfg.out_dir`; returns counts over all ranks."""
+    if not cfg.manifest or not cfg.model:
+        raise ConfigError("precompute needs config keys 'manifest' and 'model'")
+    if (cfg.height is None) != (cfg.width is None):
+        raise ConfigError("config keys 'height' and 'width' go together: set both or neither")
+    dist_info = init_distributed()
+    rank, world = dist_info.rank, dist_info.world_size
+    out_dir = Path(cfg.out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    producer = {
+        "model": str(Path(cfg.model).resolve()),
+        "fingerprint": model_fingerprint(cfg.model),
+    }
+    settings = {
+        k: v
+        for k, v in asdict(cfg).items()
+        if k in ("num_frames", "height", "width", "cache_dtype")
+    }
+    if rank == 0:
+        save_config(cfg, out_dir)
+        _claim_producer(out_dir, producer, settings)
+    barrier()
+    _claim_producer(out_dir, producer, settings)  # every rank checks before working
+    manifest = Path(cfg.manifest)
+    rows = read_manifest_rows(manifest, strict=False)
+    done = {e["row"] for s in _existing_shards(out_dir) for e in s["entries"]}
+    todo = [r for r in rows[rank::world] if r.index not in done]
+    # Encoders on this rank's device; the transformer is only its config (meta device).
+    adapter = load_adapter(cfg.model, dtype=getattr(torch, cfg.dtype), transformer_weights=False)
+    adapter.place_encoders(dist_info.device, offload=cfg.offload_encoders)
+    producer.update(family=adapter.family, task=adapter.task)
+    store = getattr(torch, cfg.cache_dtype)
+    counts = torch.tensor([0, len(rows[rank::world]) - len(todo), 0])  # encoded, skipped, failed
+    tensors: dict[str, torch.Tensor] = {}
+    entries: list[dict] = []
+    shard_id = len(list(out_dir.glob(f"shard-r{rank}-*.json")))
+
+    def flush() -> None:
+        nonlocal shard_id, tensors, entries
+        if entries:
+            _write_shard(out_dir, f"shard-r{rank}-{shard_id:05d}", tensors, entries)
+            shard_id, tensors, entries = shard_id + 1, {}, []
+
+    for row in progress(todo, desc="precompute"):
+        try:
+            encoded = encode_pair(adapter, row, manifest.parent, cfg)
+        except (DataError, ValueError, RuntimeError) as err:
+            counts[2] += 1
+            logger.warning("%s: row %d failed: %s", manifest, row.index, err)
+            continue
+        key = f"r{row.index:08d}"
+        entry = {"row": row.index, "key": key, "caption": row.data["caption"]}
+        entry["meta"] = row.data.get("meta") or {}
+        if "text" in encoded:
+            entry["text_length"] = encoded["text"].shape[0]
+            encoded["text"] = _trim_zero_rows(encoded["text"])
+        tensors.update({f"{key}.{name}": t.to(store) for name, t in encoded.items()})
+        entries.append(entry)
+        counts[0] += 1
+        if len(entries) >= cfg.rows_per_shard:
+            flush()
+    flush()
+    if world > 1:
+        counts = all_reduce_values(counts)
+    barrier()
+    if rank == 0:
+        write_index(out_dir, producer, settings)
+    barrier()
+    return dict(zip(("encoded", "skipped", "failed"), (int(c) for c in counts)))
+
+
+def write_index(out_dir: Path, producer: dict, settings: dict) -> Path:
+    """Merge the shards' row lists into `index.json`, entries in manifest order."""
+    entries = [dict(e, shard=s["shard"]) for s in _existing_shards(out_dir) for e in s["entries"]]
+    entries.sort(key=lambda e: e["row"])
+    index = {"format": CACHE_FORMAT, "producer": producer, "settings": settings, "entries": entries}
+    path = out_dir / INDEX_FILE
+    tmp = path.with_suffix(".json.partial")
+    tmp.write_text(json.dumps(index, indent=1))
+    tmp.replace(path)
+    return path
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    add_config_args(parser)
+
+
+def run(args: argparse.Namespace) -> int:
+    cfg = config_from_args(PrecomputeConfig, args)
+    counts = precompute(cfg)
+    if is_main_process():
+        print(
+            f"precompute: {counts['encoded']} pairs encoded, {counts['skipped']} skipped (done before), "
+            f"{counts['failed']} failed; cache: {Path(cfg.out_dir) / INDEX_FILE}"
+        )
+    return 1 if counts["failed"] else 0
