@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import math
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -27,6 +27,7 @@ from torch import nn
 from common.config import check_config
 from common.errors import ConfigError, UserError
 from common.fsdp import StateDictWeights, load_weights, materialize, to_dtype
+from common.run import build_lr_scheduler, build_optimizer, seed_for_rank
 from videodpo.config import RunConfig
 from videodpo.models import VideoModelAdapter, load_adapter, reference_skeleton, weights_for
 from videodpo.models.experts import TimestepExperts, trained_experts
@@ -69,19 +70,6 @@ def _adapters_disabled(model: nn.Module) -> Iterator[None]:
     finally:
         for expert in experts:
             expert.enable_adapters()
-
-
-def warmup_cosine(warmup: int, total: int, min_ratio: float) -> Callable[[int], float]:
-    """LR multiplier: linear warmup to 1 over `warmup` steps, cosine to `min_ratio` at `total`."""
-
-    def factor(step: int) -> float:
-        if warmup and step < warmup:
-            return (step + 1) / warmup
-        span = max(1, total - warmup)
-        progress = min(1.0, (step - warmup) / span)
-        return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
-
-    return factor
 
 
 def add_lora(model: nn.Module, cfg: RunConfig) -> None:
@@ -156,13 +144,11 @@ def build_training_state(cfg: RunConfig, adapter: VideoModelAdapter | None = Non
     if reference is not None:
         _place_model(layout, cfg, reference, weights, trainable=False)
     del weights  # the in-memory source's full tensors go once both models hold theirs
-    params = [p for p in policy.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=cfg.optim.lr, betas=(cfg.optim.beta1, cfg.optim.beta2),
-                                  eps=cfg.optim.eps, weight_decay=cfg.optim.weight_decay)
-    factor = warmup_cosine(cfg.optim.warmup_steps, cfg.train.steps, cfg.optim.min_lr_ratio)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+    optimizer = build_optimizer((p for p in policy.parameters() if p.requires_grad), cfg.optim.lr,
+                                cfg.optim.weight_decay, (cfg.optim.beta1, cfg.optim.beta2), cfg.optim.eps)
+    scheduler = build_lr_scheduler(optimizer, cfg.optim.warmup_steps, cfg.train.steps, cfg.optim.min_lr_ratio)
     # Pair and cp ranks of one data rank must draw the same timesteps and noise.
-    generator = torch.Generator().manual_seed(cfg.train.seed + 7919 * layout.dp_rank)
+    generator = torch.Generator().manual_seed(seed_for_rank(cfg.train.seed, layout.dp_rank))
     return TrainingState(cfg, adapter, policy, reference, optimizer, scheduler, layout, generator, timestep_range)
 
 

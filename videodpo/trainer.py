@@ -2,9 +2,10 @@
 
 The loop reads top to bottom: set up the training state (`videodpo.state`: policy,
 reference, parallel layout, optimizer), open the pairs and their prefetching loader,
-resume from the latest checkpoint if asked, then per step take `train.grad_accum`
-micro-batches, run `videodpo.step.training_step` (or the data-regularized step of
-`videodpo.regularized_step`), log, validate and checkpoint. Checkpoints hold model,
+resume from the latest checkpoint if asked (`common.run.TrainingRun`), then per step take
+`train.grad_accum` micro-batches, run `videodpo.step.training_step` (or the
+data-regularized step of `videodpo.regularized_step`), and let the run log, validate
+and checkpoint as scheduled. Checkpoints hold model,
 optimizer, LR schedule, data position and RNG, so `--resume` continues bit for bit.
 At the end `videodpo.export` writes the model.
 """
@@ -21,10 +22,9 @@ from typing import Any
 
 import torch.distributed as dist
 
-from common.checkpoint import Checkpointer, trim_metrics_log
 from common.config import add_config_args, check_run_dir, config_from_args, save_config
 from common.errors import ConfigError
-from common.metrics import MetricsLogger, progress
+from common.run import Attributes, GeneratorState, TrainingRun
 from videodpo.config import RunConfig
 from videodpo.data.dataset import CachedPairDataset, PairDataset
 from videodpo.data.loader import PairLoader, PairSampler
@@ -74,14 +74,12 @@ def train(
     resume: bool = False,
     dataset: Any = None,
     adapter: VideoModelAdapter | None = None,
-    stop_after: int | None = None,
     validator: Callable[[TrainingState], dict[str, float]] | None = None,
     resume_force: bool = False,
     general_clips: Any = None,
 ) -> TrainResult:
     """Train as `cfg` says. `dataset` / `adapter` replace the ones `cfg` names (the demo
-    passes in-memory ones); `stop_after` ends the process early as a kill would, after
-    that step's checkpoint. `general_clips` (a `videodpo.regularized_step.GeneralClips`)
+    passes in-memory ones); `general_clips` (a `videodpo.regularized_step.GeneralClips`)
     replaces the general clips `regularizer` names."""
     out_dir = Path(cfg.out_dir)
     # Before anything is built: out_dir must be a folder; a resume must match the saved config.
@@ -101,54 +99,38 @@ def train(
     loader = PairLoader(dataset, cfg.train.batch_size, sampler, functools.partial(collate_pairs, state.adapter),
                         cfg.data.max_bad_row_fraction, cfg.data.num_workers, cfg.data.prefetch_factor,
                         transform=functools.partial(encode_item, state.adapter) if encode_in_workers else None)
-    checkpointer = Checkpointer(out_dir / "checkpoints", keep_last=cfg.train.keep_checkpoints)
-    if resume:
-        extra: dict = {}
-        step = checkpointer.load(model=state.policy, optimizer=state.optimizer, scheduler=state.scheduler,
-                                 extra=extra)
-        if step is None:
-            logger.info("--resume: no checkpoint under %s, starting from step 0", checkpointer.root)
-        else:
-            state.step, state.nonfinite = step, int(extra["nonfinite"])
-            loader.load_state_dict(extra["data"])
-            state.generator.set_state(extra["generator"])
-            logger.info("resumed from step %d", step)
-    if layout.is_main:  # only now: a refused or failed resume leaves config.yaml as it was
-        save_config(cfg, out_dir)
-        if resume:
-            trim_metrics_log(out_dir, state.step)  # the steps after the checkpoint run again
-    metrics_log = MetricsLogger(out_dir, enabled=layout.is_main)
-    if validator is None and cfg.validation.every:
-        validator = Validator(cfg, state.adapter)
-    bar = progress(total=cfg.train.steps, desc=f"train {cfg.loss.kind}")
-    bar.update(state.step)
-    while state.step < cfg.train.steps:
-        batches = [loader.next_batch() for _ in range(cfg.train.grad_accum)]
-        if cfg.regularizer.mode != "off":
-            metrics = general_training_step(state, batches, general_clips, regularizer)
-        else:
-            metrics = training_step(state, batches)
-        metrics["skipped_rows"] = float(loader.skipped_rows)
-        if state.step % cfg.train.log_every == 0 or state.step == cfg.train.steps:
-            metrics_log.log(state.step, metrics)
-        state.history.append({"step": state.step, **metrics})
-        if validator is not None and cfg.validation.every and state.step % cfg.validation.every == 0:
-            metrics_log.log(state.step, {f"val/{k}": v for k, v in validator(state).items()})
-        bar.update(1)
-        every = cfg.train.checkpoint_every
-        if (every and state.step % every == 0) or state.step == cfg.train.steps:
-            checkpointer.save(state.step, model=state.policy, optimizer=state.optimizer, scheduler=state.scheduler,
-                              extra={"data": loader.state_dict(), "nonfinite": state.nonfinite,
-                                     "generator": state.generator.get_state()})
-        if stop_after is not None and state.step >= stop_after:
-            loader.close()
-            bar.close()
-            metrics_log.close()
-            return TrainResult(out_dir, state.step, state.history, None, loader.skipped_rows, state.nonfinite)
-    bar.close()
-    loader.close()
+    run = TrainingRun(out_dir, cfg.train.steps, model=state.policy, optimizer=state.optimizer,
+                      scheduler=state.scheduler, log_every=cfg.train.log_every,
+                      checkpoint_every=cfg.train.checkpoint_every, validate_every=cfg.validation.every,
+                      keep_checkpoints=cfg.train.keep_checkpoints, is_main=layout.is_main,
+                      desc=f"train {cfg.loss.kind}",
+                      stateful={"data": loader, "generator": GeneratorState(state.generator),
+                                "counters": Attributes(state, "step", "nonfinite")})
+    try:
+        if resume and run.resume() == 0:
+            logger.info("--resume: no checkpoint under %s, starting from step 0", run.checkpointer.root)
+        if layout.is_main:  # only now: a refused or failed resume leaves config.yaml as it was
+            save_config(cfg, out_dir)
+        if validator is None and cfg.validation.every:
+            validator = Validator(cfg, state.adapter)
+
+        def validate() -> None:
+            if validator is not None and run.should_validate():
+                run.log({f"val/{k}": v for k, v in validator(state).items()})
+
+        while run.step < cfg.train.steps:
+            batches = [loader.next_batch() for _ in range(cfg.train.grad_accum)]
+            if cfg.regularizer.mode != "off":
+                metrics = general_training_step(state, batches, general_clips, regularizer)
+            else:
+                metrics = training_step(state, batches)
+            metrics["skipped_rows"] = float(loader.skipped_rows)
+            state.history.append({"step": state.step, **metrics})
+            run.end_step(metrics, before_checkpoint=validate)
+    finally:  # also when killed by an exception: no loader workers or open logs left behind
+        loader.close()
+        run.finish()
     export_dir = export_model(state, out_dir / ("final_lora" if state.lora else "final"))
-    metrics_log.close()
     layout.barrier()
     return TrainResult(out_dir, state.step, state.history, export_dir, loader.skipped_rows, state.nonfinite)
 

@@ -10,6 +10,7 @@ import torch
 
 from common.errors import ConfigError
 from common.regularizer import RegularizerConfig
+from tests.killing import killed_after
 from tests.multiproc import run_on_ranks
 from tests.videodpo.test_trainer import WORLD, PairList, _adapter, _cfg
 from videodpo.data.pairs import collate_pairs
@@ -148,17 +149,17 @@ def test_regularizer_with_pair_or_context_parallelism_stops_before_training(tmp_
 
 
 def test_kill_and_resume_with_the_projector_is_bit_identical(tmp_path):
-    def run(root, stop_after=None, resume=False):
+    def run(root, resume=False):
         cfg = _run_cfg(root, steps=4)
         cfg.train.checkpoint_every = 2
         adapter = _adapter()
-        result = train(cfg, dataset=PairList(), adapter=adapter, stop_after=stop_after,
-                       resume=resume, general_clips=_general(adapter))
+        result = train(cfg, dataset=PairList(), adapter=adapter, resume=resume, general_clips=_general(adapter))
         return adapter, result
 
     full, result = run(tmp_path / "a")
     assert "projector/update_norm" in result.history[-1]
-    run(tmp_path / "b", stop_after=3)
+    with killed_after(3):
+        run(tmp_path / "b")
     torch.manual_seed(123)
     resumed, _ = run(tmp_path / "b", resume=True)
     start = _adapter().transformer.state_dict()

@@ -10,12 +10,13 @@ import pytest
 import torch
 
 from common.errors import DataError, UserError
+from common.run import warmup_cosine
+from tests.killing import killed_after
 from videodpo.config import RunConfig
 from videodpo.data.loader import PairSampler
 from videodpo.data.synthetic import WorldConfig, caption, render_batch, sample_records
 from videodpo.models import load_adapter
 from videodpo.models.tiny import build_pixel_adapter
-from videodpo.state import warmup_cosine
 from videodpo.trainer import train
 
 WORLD = WorldConfig(height=8, width=8, num_frames=4, shape_size=4, slow_step=1, fast_step=2)
@@ -87,7 +88,8 @@ def test_kill_and_resume_gives_identical_parameters(tmp_path, lora):
 
     broken = _cfg(tmp_path / "b", lora=lora, steps=4)
     broken.train.checkpoint_every = 2
-    train(broken, dataset=PairList(), adapter=_adapter(), stop_after=3)  # "killed" after step 3
+    with killed_after(3):  # after step 3; the last checkpoint is step 2
+        train(broken, dataset=PairList(), adapter=_adapter())
     torch.manual_seed(123)  # a new process: different global RNG
     resumed = _adapter()
     result = train(broken, resume=True, dataset=PairList(), adapter=resumed)

@@ -11,6 +11,7 @@ import torch
 from diffusers import WanImageToVideoPipeline, WanPipeline
 
 from common.errors import ConfigError
+from tests.killing import killed_after
 from tests.videodpo.tiny_models import build_tiny_wan22_pipeline
 from videodpo.config import RunConfig
 from videodpo.models import load_adapter
@@ -215,7 +216,8 @@ def test_kill_and_resume_with_two_experts_gives_identical_parameters(a14b_dir, t
     train(straight, dataset=_pairs(4), adapter=adapter)
     broken = _cfg(tmp_path / "b", a14b_dir, "both", steps=4)
     broken.train.checkpoint_every = 2
-    train(broken, dataset=_pairs(4), adapter=load_adapter(a14b_dir), stop_after=3)
+    with killed_after(3):
+        train(broken, dataset=_pairs(4), adapter=load_adapter(a14b_dir))
     resumed = load_adapter(a14b_dir)
     result = train(broken, resume=True, dataset=_pairs(4), adapter=resumed)
     assert result.steps == 4
