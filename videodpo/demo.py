@@ -323,7 +323,7 @@ def _plot_seed(rows: dict, histories: dict, path: Path) -> None:
     import matplotlib  # lazy: plotting only, after training; keeps matplotlib off the import path
 
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    import matplotlib.pyplot as plt  # lazy: as above
 
     fig, axes = plt.subplots(1, 3, figsize=(14, 3.6))
     names = [n for n in rows if n in ("base", *METHODS)]
@@ -345,7 +345,7 @@ def _plot_summary(summary: dict, path: Path) -> None:
     import matplotlib  # lazy: plotting only, after training; keeps matplotlib off the import path
 
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    import matplotlib.pyplot as plt  # lazy: as above
 
     fig, axes = plt.subplots(1, 2, figsize=(11, 3.6))
     names = [n for n in ("base", *METHODS) if n in summary]

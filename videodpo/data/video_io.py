@@ -20,6 +20,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
+from PIL import Image
 
 from common.errors import DataError
 
@@ -40,7 +41,7 @@ class VideoInfo:
 def default_reader() -> str:
     """The reader "auto" picks: decord if it imports, else PyAV (said once in the log)."""
     try:
-        import decord  # noqa: F401
+        import decord  # noqa: F401  # lazy: optional extra, probed only
     except ImportError:
         logger.info("decord is not available; reading video with PyAV")
         return "pyav"
@@ -59,7 +60,7 @@ def _check_exists(path: Path) -> None:
 
 
 def _decord_reader(path: Path):
-    import decord
+    import decord  # lazy: optional extra (faster seeking), when installed
 
     return decord.VideoReader(str(path), ctx=decord.cpu(0), num_threads=1)
 
@@ -85,7 +86,7 @@ def _pyav_read(path: Path, indices: Sequence[int] | None) -> tuple[np.ndarray, f
 
 def _pyav_probe(path: Path) -> VideoInfo:
     """From the container header when it says everything, else by decoding."""
-    import av
+    import av  # lazy: PyAV loads FFmpeg's libraries; only when a clip is read or written
 
     with av.open(str(path)) as container:
         if not container.streams.video:
@@ -101,7 +102,7 @@ def _pyav_probe(path: Path) -> VideoInfo:
 
 def _pyav_stream_info(path: Path) -> tuple[float, int]:
     """fps and the frame count the container declares (0 when it does not say)."""
-    import av
+    import av  # lazy: PyAV loads FFmpeg's libraries; only when a clip is read or written
 
     with av.open(str(path)) as container:
         if not container.streams.video:
@@ -112,7 +113,7 @@ def _pyav_stream_info(path: Path) -> tuple[float, int]:
 
 def _pyav_frames(path: Path):
     """Yield rgb24 frames one at a time, so long videos need not fit in memory."""
-    import av
+    import av  # lazy: PyAV loads FFmpeg's libraries; only when a clip is read or written
 
     with av.open(str(path)) as container:
         if not container.streams.video:
@@ -316,8 +317,6 @@ def load_image(
 ) -> torch.Tensor:
     """An image file as float32 (3, H, W) in [-1, 1], resized and center-cropped when
     `height` and `width` are given (a conditioning image for image-to-video)."""
-    from PIL import Image
-
     path = Path(path)
     _check_exists(path)
     try:
@@ -333,8 +332,6 @@ def load_image(
 
 def to_pil_image(frame: torch.Tensor):
     """float (3, H, W) in [-1, 1] -> PIL image (what diffusers I2V pipelines take)."""
-    from PIL import Image
-
     return Image.fromarray(clip_to_frames(frame[:, None])[0].numpy())
 
 
@@ -342,7 +339,7 @@ def write_video(path: str | Path, clip: torch.Tensor, fps: float = 8.0, crf: int
     """Write float (3, F, H, W) in [-1, 1] as H.264 mp4 (yuv444p; crf 0 is near-lossless:
     one level of rounding). Written to a temporary name first, so a file that exists is
     complete."""
-    import av
+    import av  # lazy: PyAV loads FFmpeg's libraries; only when a clip is read or written
 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
