@@ -20,7 +20,6 @@ from typing import Any
 import torch
 
 from common.errors import ConfigError
-from common.metrics import progress
 from llmpost.config import DapoConfig
 from llmpost.dapo import (
     SampledGroup,
@@ -176,7 +175,6 @@ def train_dapo(
     stage_dir: str | Path,
     seed: int = 0,
     chat_kwargs: dict | None = None,
-    stop_after: int | None = None,
     on_step: Callable[[int, dict], None] | None = None,
     model_path: str | Path | None = None,
     reference: torch.nn.Module | None = None,
@@ -203,8 +201,9 @@ def train_dapo(
         raise ConfigError(f"dapo.tis_cap: expected a cap > 0 (e.g. 2), got {cfg.tis_cap}")
     stage_dir = Path(stage_dir)
     rank, world = rank_and_world()
-    run = start_stage(model, cfg.lr, cfg.weight_decay, stage_dir, seed)
-    optimizer, start = run.optimizer, run.start
+    run = start_stage(model, cfg.lr, cfg.weight_decay, stage_dir, seed, cfg.steps, cfg.save_every,
+                      f"DAPO {stage_dir.name}")
+    optimizer, start = run.optimizer, run.step
     regularizer = build_dapo_regularizer(model, cfg, general, start)
     scorer = HFRollout(model, tokenizer, cfg.generation)
     ref_scorer = HFRollout(reference, tokenizer, cfg.generation) if cfg.kl_coef else None
@@ -219,8 +218,7 @@ def train_dapo(
     if start:
         logger.info("DAPO: resuming at step %d of %d", start, cfg.steps)
 
-    bar = progress(total=cfg.steps, initial=start, desc=f"DAPO {stage_dir.name}")
-    for step in range(start, cfg.steps):
+    for step in range(start, cfg.steps):  # run.step == step: end_step counts it
         t0 = time.perf_counter()
         if rollout is not scorer:
             rollout.sync_weights(model)
@@ -303,16 +301,14 @@ def train_dapo(
             metrics.update(_mismatch_metrics(seen))
         metrics.update(step_time_s=time.perf_counter() - t0,
                        tokens_per_s=generated_tokens / max(1e-9, time.perf_counter() - t0))
-        run.metrics_log.log(step + 1, metrics)
-        bar.update(1)
-        bar.set_postfix(acc=f"{metrics.get('accuracy', 0):.2f}", kept=f"{metrics.get('kept_share', 0):.2f}")
+        run.bar.set_postfix(acc=f"{metrics.get('accuracy', 0):.2f}", kept=f"{metrics.get('kept_share', 0):.2f}")
         if on_step is not None:
             on_step(step + 1, metrics)
         last = metrics
-        run.end_step(model, step + 1, cfg.save_every, cfg.steps, stop_after, bar)
+        run.end_step(metrics)
     if own_engine:  # (an interrupted stage leaves its engine to the process's end)
         rollout.close()
-    run.close(bar)
+    run.finish()
     return last
 
 

@@ -177,8 +177,7 @@ def hard_examples(model: torch.nn.Module, tokenizer: Any, cfg: PipelineConfig,
     return hard or pool
 
 
-def run_stage(cfg: PipelineConfig, stage: int, registry: RewardRegistry | None = None,
-              stop_after: int | None = None) -> dict[str, Any]:
+def run_stage(cfg: PipelineConfig, stage: int, registry: RewardRegistry | None = None) -> dict[str, Any]:
     """Train (or resume) one stage, save its model, evaluate it; returns its evaluation."""
     registry = registry or rewards_registry(cfg)
     out = stage_dir(cfg, stage)
@@ -212,18 +211,17 @@ def run_stage(cfg: PipelineConfig, stage: int, registry: RewardRegistry | None =
         reference.requires_grad_(False)
     if stage == 1:
         train_dapo(model, tokenizer, data["sns_train"], data["general_train"], cfg.stage1,
-                   registry, out, seed, chat, stop_after, model_path=previous,
-                   reference=reference)
+                   registry, out, seed, chat, model_path=previous, reference=reference)
     elif stage == 2:
         cap = json.loads((stage_dir(cfg, 1) / "capability_map.json").read_text())
         train_sft(model, tokenizer, data["sns_train"], data["general_train"], cfg.stage2, out,
-                  seed, task_weights=cap["weights"], chat_kwargs=chat, stop_after=stop_after)
+                  seed, task_weights=cap["weights"], chat_kwargs=chat)
     else:
         pool = data["sns_train"]
         if cfg.stage3.hard_examples:
             pool = hard_examples(model, tokenizer, cfg, pool, registry)
         train_dapo(model, tokenizer, pool, data["general_train"], cfg.stage3, registry, out,
-                   seed, chat, stop_after, model_path=previous, reference=reference)
+                   seed, chat, model_path=previous, reference=reference)
     save_policy(model, tokenizer, out / "model")
     result = evaluate_tasks(model, tokenizer, data["eval"], registry, cfg.eval, chat)
     if stage == 1 and rank_and_world()[0] == 0:

@@ -4,17 +4,16 @@ cross-rank reductions the trainers need (token counts, "does any rank need more"
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import shutil
 from pathlib import Path
 from typing import Any
 
 import torch
 import torch.distributed as dist
 
-from common.checkpoint import Checkpointer, trim_metrics_log
 from common.distributed import all_reduce_values
 from common.fsdp import apply_fsdp, full_state_dict
-from common.metrics import MetricsLogger
+from common.run import TrainingRun, build_optimizer, seed_for_rank
 from llmpost.config import ModelConfig
 from llmpost.model import load_model, tiny_qwen3
 
@@ -25,44 +24,18 @@ def rank_and_world() -> tuple[int, int]:
     return 0, 1
 
 
-class StageInterrupted(RuntimeError):
-    """Raised by the `stop_after` test hook, as if the process had been killed."""
-
-
-@dataclass
-class StageRun:
-    """What a training stage needs to run and resume: optimizer, checkpoints, log, step."""
-
-    optimizer: torch.optim.Optimizer
-    checkpointer: Checkpointer
-    metrics_log: MetricsLogger
-    start: int
-
-    def end_step(self, model: torch.nn.Module, step: int, save_every: int, total: int,
-                 stop_after: int | None, bar: Any) -> None:
-        """After 1-based `step`: checkpoint on schedule and at the end; honour the test hook."""
-        if step % save_every == 0 or step == total:
-            self.checkpointer.save(step, model=model, optimizer=self.optimizer)
-        if stop_after is not None and step == stop_after:
-            self.close(bar)
-            raise StageInterrupted(f"stopped after step {step} (test hook)")
-
-    def close(self, bar: Any) -> None:
-        self.metrics_log.close()
-        bar.close()
-
-
-def start_stage(model: torch.nn.Module, lr: float, weight_decay: float, stage_dir: Path, seed: int) -> StageRun:
-    """Seed, build AdamW and resume from `stage_dir/checkpoints` if a checkpoint is there."""
+def start_stage(model: torch.nn.Module, lr: float, weight_decay: float, stage_dir: Path, seed: int,
+                steps: int, save_every: int, desc: str) -> TrainingRun:
+    """The stage's `common.run.TrainingRun`: seeded per rank, AdamW, checkpoints every
+    `save_every` steps and at the end, resumed from `stage_dir/checkpoints` if one is there."""
     rank, _ = rank_and_world()
     # Sampling RNG from the stage's seed (a resumed run gets it back from the checkpoint).
-    torch.manual_seed(seed + 7919 * rank)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
-    checkpointer = Checkpointer(stage_dir / "checkpoints")
-    start = checkpointer.load(model=model, optimizer=optimizer) or 0
-    if rank == 0:
-        trim_metrics_log(stage_dir, start)  # steps after the checkpoint are logged again
-    return StageRun(optimizer, checkpointer, MetricsLogger(stage_dir, enabled=rank == 0), start)
+    torch.manual_seed(seed_for_rank(seed, rank))
+    optimizer = build_optimizer(model.parameters(), lr=lr, weight_decay=weight_decay)
+    run = TrainingRun(stage_dir, steps, model=model, optimizer=optimizer, checkpoint_every=save_every,
+                      is_main=rank == 0, desc=desc)
+    run.resume()
+    return run
 
 
 def global_sum(value: float) -> float:
@@ -114,8 +87,6 @@ def save_policy(model: torch.nn.Module, tokenizer: Any, out_dir: str | Path) -> 
         model.save_pretrained(str(tmp), state_dict=state)
         tokenizer.save_pretrained(str(tmp))
         if out_dir.exists():
-            import shutil
-
             shutil.rmtree(out_dir)
         tmp.rename(out_dir)
     if dist.is_initialized():

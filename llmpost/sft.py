@@ -20,7 +20,6 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from common.metrics import progress
 from common.regularizer import DataRegularizer
 from llmpost.config import SftConfig
 from llmpost.data import TaskRecord, encode_prompt, encode_response, mix, sample_weighted
@@ -126,7 +125,6 @@ def train_sft(
     seed: int = 0,
     task_weights: dict[str, float] | None = None,
     chat_kwargs: dict | None = None,
-    stop_after: int | None = None,
     on_step: Callable[[int, dict], None] | None = None,
 ) -> dict[str, float]:
     """SFT for `cfg.steps` steps on target data (tasks drawn by `task_weights`) with
@@ -137,8 +135,9 @@ def train_sft(
         raise ValueError("sft.general_mode 'projector' needs general data (data.general_train)")
     stage_dir = Path(stage_dir)
     rank, _ = rank_and_world()
-    run = start_stage(model, cfg.lr, cfg.weight_decay, stage_dir, seed)
-    optimizer, start = run.optimizer, run.start
+    run = start_stage(model, cfg.lr, cfg.weight_decay, stage_dir, seed, cfg.steps, cfg.save_every,
+                      f"SFT {stage_dir.name}")
+    optimizer = run.optimizer
     cache: dict[str, tuple[list[int], list[int]]] = {}
     last: dict[str, float] = {}
     model.train()
@@ -150,23 +149,23 @@ def train_sft(
                 cache[r.id] = build_example(tokenizer, r, chat_kwargs)
         return [cache[r.id] for r in records]
 
-    bar = progress(total=cfg.steps, initial=start, desc=f"SFT {stage_dir.name}")
-    for step in range(start, cfg.steps):
-        if regularizer is not None:
-            last = _projector_step(model, optimizer, regularizer, examples_of, target, general,
-                                   cfg, tokenizer.pad_token_id, random.Random(f"{seed}/sft/{step}"),
-                                   task_weights)
-        else:
-            last = _mix_step(model, optimizer, examples_of, target, general, cfg,
-                             tokenizer.pad_token_id, random.Random(f"{seed}/sft/{step}/{rank}"),
-                             task_weights)
-        run.metrics_log.log(step + 1, last)
-        bar.update(1)
-        bar.set_postfix(loss=f"{last['loss']:.3f}")
-        if on_step is not None:
-            on_step(step + 1, last)
-        run.end_step(model, step + 1, cfg.save_every, cfg.steps, stop_after, bar)
-    run.close(bar)
+    try:
+        while run.step < cfg.steps:
+            step = run.step
+            if regularizer is not None:
+                last = _projector_step(model, optimizer, regularizer, examples_of, target, general,
+                                       cfg, tokenizer.pad_token_id, random.Random(f"{seed}/sft/{step}"),
+                                       task_weights)
+            else:
+                last = _mix_step(model, optimizer, examples_of, target, general, cfg,
+                                 tokenizer.pad_token_id, random.Random(f"{seed}/sft/{step}/{rank}"),
+                                 task_weights)
+            run.bar.set_postfix(loss=f"{last['loss']:.3f}")
+            if on_step is not None:
+                on_step(step + 1, last)
+            run.end_step(last)
+    finally:
+        run.finish()
     return last
 
 

@@ -129,8 +129,8 @@ def test_projector_on_two_fsdp_ranks_matches_one_process():
 
 def test_stage1_with_the_projector_resume_is_bit_identical(tmp_path, word_tokenizer):
     from llmpost.pipeline import run_stage, stage_dir
-    from llmpost.policy import StageInterrupted
     from llmpost.tasks import write_suite
+    from tests.killing import killed_after
     from tests.llmpost.test_pipeline import _config, _weights
 
     paths = write_suite(tmp_path / "data", n_train=20, n_eval=3, seed=0)
@@ -145,8 +145,8 @@ def test_stage1_with_the_projector_resume_is_bit_identical(tmp_path, word_tokeni
     for cfg in runs:
         run_stage(cfg, 0)
     run_stage(straight, 1)
-    with pytest.raises(StageInterrupted):
-        run_stage(killed, 1, stop_after=3)
+    with killed_after(3):
+        run_stage(killed, 1)
     run_stage(killed, 1)
     a, b = _weights(straight, 1), _weights(killed, 1)
     for name in a:

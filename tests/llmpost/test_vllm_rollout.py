@@ -180,7 +180,7 @@ def _first_word_reward(prompt, response, reference, **meta):
     return float(response[:1] < "m")
 
 
-def _run_dapo(engine, tokenizer, out, stop_after=None):
+def _run_dapo(engine, tokenizer, out):
     from llmpost.dapo_trainer import train_dapo
     from llmpost.data import load_many
     from llmpost.rewards import RewardRegistry, default_registry
@@ -191,18 +191,18 @@ def _run_dapo(engine, tokenizer, out, stop_after=None):
     model = _policy(tokenizer, seed=5, peak=1.0)
     train_dapo(model, tokenizer, load_many([paths["sns_train"]]),
                load_many([paths["general_train"]]), _dapo_cfg(), registry,
-               out / "stage", seed=3, stop_after=stop_after, engine=engine)
+               out / "stage", seed=3, engine=engine)
     return model
 
 
 def test_dapo_on_vllm_kill_and_resume_equals_an_uninterrupted_run(engine, word_tokenizer,
                                                                   tmp_path):
-    from llmpost.policy import StageInterrupted
+    from tests.killing import killed_after
 
     start = _policy(word_tokenizer, seed=5, peak=1.0).state_dict()
     straight = _run_dapo(engine, word_tokenizer, tmp_path / "straight")
-    with pytest.raises(StageInterrupted):
-        _run_dapo(engine, word_tokenizer, tmp_path / "killed", stop_after=2)
+    with killed_after(2):
+        _run_dapo(engine, word_tokenizer, tmp_path / "killed")
     resumed = _run_dapo(engine, word_tokenizer, tmp_path / "killed")
     moved = 0.0
     for name, value in straight.state_dict().items():
