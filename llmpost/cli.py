@@ -9,7 +9,7 @@ from common.cli import run_cli
 COMMANDS: dict[str, str] = {
     "demo": "llmpost.demo",
     "run": "llmpost.pipeline",
-    "eval": "llmpost.evaluate",
+    "eval": "llmpost.evaluate_command",
 }
 
 

@@ -20,6 +20,12 @@ logger = logging.getLogger(__name__)
 ADVANTAGE_EPS = 1e-6
 
 
+def mini_batch_indices(n: int, parts: int) -> list[list[int]]:
+    """Contiguous, near-equal index chunks of a batch of `n` (some may be empty)."""
+    bounds = [round(i * n / parts) for i in range(parts + 1)]
+    return [list(range(bounds[i], bounds[i + 1])) for i in range(parts)]
+
+
 def group_advantages(rewards: torch.Tensor, group_size: int) -> torch.Tensor:
     """A_i = (R_i - mean(R)) / (std(R) + 1e-6) within each group of `group_size`.
 

@@ -29,12 +29,13 @@ import random
 from typing import Any
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 
 from common.errors import ConfigError
 from common.regularizer import DataRegularizer, RegularizerStats
 from llmpost.config import DapoConfig
-from llmpost.dapo import clipped_tokens, kl_k3, policy_token_losses, tis_weights
+from llmpost.dapo import clipped_tokens, kl_k3, mini_batch_indices, policy_token_losses, tis_weights
 from llmpost.data import TaskRecord, sample_weighted
 from llmpost.rollout import pack_right_padded, scatter_to_responses
 from llmpost.sft import build_example, collate_padded, per_sample_completion_loss
@@ -86,8 +87,6 @@ class DapoSampleLoss:
 
 def gather_policy_batch(batch: Any) -> tuple[Any, slice]:
     """The whole mini-batch on every rank (rank order) and the slice that is this rank's."""
-    import torch.distributed as dist
-
     if not dist.is_initialized() or dist.get_world_size() == 1:
         return batch, slice(0, len(batch))
     parts: list[Any] = [None] * dist.get_world_size()
@@ -138,8 +137,6 @@ def projector_update(
 
     `micro_batch_size` does not apply: the regularizer runs each mini-batch whole.
     """
-    from llmpost.dapo_trainer import _split
-
     loss_fn = DapoSampleLoss(cfg)
     clip_frac = torch.zeros(len(batch))
     entropy = torch.zeros(len(batch))
@@ -147,7 +144,7 @@ def projector_update(
     stats: list[RegularizerStats] = []
     index = 0
     for _ in range(cfg.epochs):
-        for mb_index in _split(len(batch), cfg.mini_batches):
+        for mb_index in mini_batch_indices(len(batch), cfg.mini_batches):
             mine = batch.select(mb_index)
             whole, own = gather_policy_batch(mine)
             if len(whole) == 0:  # an empty mini-batch on every rank: nothing to project

@@ -18,7 +18,9 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.distributed as dist
 
+from common.distributed import all_reduce_values
 from common.errors import ConfigError
 from llmpost.config import DapoConfig
 from llmpost.dapo import (
@@ -28,6 +30,7 @@ from llmpost.dapo import (
     group_advantages,
     kl_k3,
     logprob_mismatch,
+    mini_batch_indices,
     overlong_penalty,
     policy_loss,
     tis_weights,
@@ -73,12 +76,6 @@ class PolicyBatch:
         )
 
 
-def _split(n: int, parts: int) -> list[list[int]]:
-    """Contiguous, near-equal index chunks (some may be empty)."""
-    bounds = [round(i * n / parts) for i in range(parts + 1)]
-    return [list(range(bounds[i], bounds[i + 1])) for i in range(parts)]
-
-
 def dapo_update(
     model: torch.nn.Module, optimizer: torch.optim.Optimizer, batch: PolicyBatch,
     cfg: DapoConfig, pad_id: int,
@@ -95,7 +92,7 @@ def dapo_update(
     losses = []
     temperature = cfg.generation.temperature
     for _ in range(cfg.epochs):
-        for mb_index in _split(len(batch), cfg.mini_batches):
+        for mb_index in mini_batch_indices(len(batch), cfg.mini_batches):
             mb = batch.select(mb_index)
             local_tokens = float(sum(len(r) for r in mb.responses))
             # DP averages gradients over ranks: scale the denominator so the result is the
@@ -150,10 +147,6 @@ def dapo_update(
 
 
 def _max_over_ranks(value: int) -> int:
-    import torch.distributed as dist
-
-    from common.distributed import all_reduce_values
-
     return int(all_reduce_values(torch.tensor([value]), op=dist.ReduceOp.MAX).item())
 
 
@@ -333,10 +326,6 @@ def _mismatch_metrics(seen: list[SampledGroup]) -> dict[str, float]:
 
 
 def _max_float_over_ranks(value: float) -> float:
-    import torch.distributed as dist
-
-    from common.distributed import all_reduce_values
-
     return float(all_reduce_values(torch.tensor([value], dtype=torch.float64),
                                    op=dist.ReduceOp.MAX).item())
 
@@ -377,8 +366,6 @@ def _step_metrics(seen: list[SampledGroup], kept: list[SampledGroup], batch: Pol
 
 def _pool_over_ranks(sums: dict[str, tuple[float, int]]) -> dict[str, tuple[float, int]]:
     """(sum, count) per metric added up over all ranks (each rank saw its own groups)."""
-    import torch.distributed as dist
-
     if not dist.is_initialized() or dist.get_world_size() == 1:
         return sums
     gathered: list[dict[str, tuple[float, int]]] = [{} for _ in range(dist.get_world_size())]

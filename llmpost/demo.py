@@ -27,6 +27,8 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+import transformers
+
 from common.config import add_config_args, config_from_args, save_config
 from common.errors import ConfigError
 from common.seed_summary import (
@@ -233,10 +235,10 @@ def format_table(columns: dict[str, dict[str, Any]]) -> str:
 
 
 def plot_results(columns: dict[str, dict[str, Any]], out: Path, pipeline_dir: Path) -> list[Path]:
-    import matplotlib
+    import matplotlib  # lazy: plotting only, after training; keeps matplotlib off the import path
 
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    import matplotlib.pyplot as plt  # lazy: as above
 
     paths = []
     names = list(columns)
@@ -424,8 +426,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    import transformers
-
     transformers.utils.logging.set_verbosity_error()
     transformers.utils.logging.disable_progress_bar()
     logging.getLogger("common").setLevel(logging.WARNING)

@@ -43,10 +43,10 @@ def write_capability_map(cap: dict[str, Any], out_dir: str | Path) -> Path:
     out_dir.mkdir(parents=True, exist_ok=True)
     path = out_dir / "capability_map.json"
     path.write_text(json.dumps(cap, indent=2))
-    import matplotlib
+    import matplotlib  # lazy: plotting only; keeps matplotlib off the import path
 
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    import matplotlib.pyplot as plt  # lazy: as above
 
     tasks = list(cap["scores"]) + list(cap["general_scores"])
     values = [cap["scores"].get(t, cap["general_scores"].get(t)) for t in tasks]

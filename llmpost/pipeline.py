@@ -30,7 +30,7 @@ from common.config import (
     resume_mismatch,
     save_config,
 )
-from common.distributed import barrier
+from common.distributed import barrier, init_distributed
 from common.errors import ConfigError, DataError
 from llmpost.config import PipelineConfig
 from llmpost.dapo_trainer import train_dapo
@@ -46,6 +46,7 @@ from llmpost.policy import (
     untie_embeddings,
 )
 from llmpost.rewards import RewardRegistry, default_registry
+from llmpost.sandbox import CodeSandbox
 from llmpost.sft import train_sft
 from llmpost.tokenizer import load_tokenizer
 
@@ -80,8 +81,6 @@ def latest_model_dir(cfg: PipelineConfig) -> Path:
 
 def rewards_registry(cfg: PipelineConfig) -> RewardRegistry:
     """The built-in rewards, the code reward's sandbox set up as `cfg.rewards` says."""
-    from llmpost.sandbox import CodeSandbox
-
     sandbox = CodeSandbox(allow_unsandboxed=cfg.rewards.allow_unsandboxed_code,
                           workers=cfg.rewards.code_workers)
     return default_registry(code_sandbox=sandbox)
@@ -258,8 +257,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from common.distributed import init_distributed
-
     init_distributed()
     cfg = config_from_args(PipelineConfig, args)
     stages = (args.stage,) if args.stage else (0, 1, 2, 3)

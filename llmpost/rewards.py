@@ -21,6 +21,9 @@ from collections.abc import Callable, Sequence
 from dataclasses import replace
 from typing import Any, Protocol
 
+import sacrebleu
+import torch
+
 from common.errors import DataError, UserError
 from llmpost.sandbox import CodeSandbox, SandboxLimits, SandboxResult
 
@@ -92,15 +95,11 @@ def rouge_l(prompt: str, response: str, reference: str, **meta: Any) -> float:
 
 def bleu(prompt: str, response: str, reference: str, **meta: Any) -> float:
     """Sentence BLEU (sacrebleu, exponential smoothing) scaled to [0, 1]."""
-    import sacrebleu
-
     return sacrebleu.sentence_bleu(response, [reference]).score / 100.0
 
 
 def chrf(prompt: str, response: str, reference: str, **meta: Any) -> float:
     """Sentence chrF (sacrebleu) scaled to [0, 1]."""
-    import sacrebleu
-
     return sacrebleu.sentence_chrf(response, [reference]).score / 100.0
 
 
@@ -198,8 +197,6 @@ class LocalModelJudge:
         self.no_id = tokenizer.convert_tokens_to_ids(no)
 
     def __call__(self, prompt: str, response: str, reference: str) -> float:
-        import torch
-
         text = self.template.format(prompt=prompt, response=response, reference=reference)
         ids = self.tokenizer(text, return_tensors="pt").input_ids
         with torch.no_grad():

@@ -282,7 +282,7 @@ class VLLMRollout:
         logging.getLogger("vllm.model_executor.model_loader.reload.layerwise").addFilter(
             _RotaryReloadNotice())
         try:
-            from vllm import LLM
+            from vllm import LLM  # lazy: optional extra, only with generation.backend=vllm
         except ImportError as err:
             raise ImportError(
                 "generation.backend=vllm needs the vllm extra: `pip install .[vllm]` on a GPU "
@@ -343,7 +343,7 @@ class VLLMRollout:
 
         `seed` fixes the sampling (request k gets seed + k n, and vLLM gives its n samples
         seed + k n .. + n - 1), so a resumed run draws what the uninterrupted one drew."""
-        from vllm import SamplingParams
+        from vllm import SamplingParams  # lazy: as LLM above
 
         cfg = self.config
         mine = (0, len(prompts))
