@@ -7,10 +7,42 @@ token-level loss, dynamic sampling, overlong buffer, no KL).
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Literal
 
 from common.regularizer import RegularizerConfig
 from llmpost.logprobs import DEFAULT_CHUNK_SIZE
-from llmpost.rollout import GenerationConfig
+
+
+@dataclass
+class VLLMEngineConfig:
+    """Knobs passed to the vLLM engine (`generation.vllm.*`). The GPU ones are documented
+    in the README; on the CPU build, `gpu_memory_utilization` is the share of host memory
+    vLLM may take and sleep mode is ignored (vLLM warns)."""
+
+    gpu_memory_utilization: float = 0.5  # the engine's share of device memory (weights + KV cache)
+    tensor_parallel_size: int = 1  # ranks per engine; consecutive trainer ranks form a group
+    enforce_eager: bool = True  # False: CUDA graphs on a GPU (faster decode, slower start)
+    max_model_len: int = 0  # prompt + response tokens per sequence (0: the model's limit)
+    sleep_between_rollouts: bool = False  # free the KV cache (level-1 sleep) during the update
+    cpu_kv_cache_mib: int = 256  # KV cache on the CPU build (fixed size skips its profiling)
+    dtype: str = "float32"  # float32 | bfloat16 | float16 (the engine's weights)
+    sync_bucket_mib: float = 256.0  # unsharded weights gathered at once by sync_weights
+
+
+@dataclass
+class GenerationConfig:
+    temperature: float = 1.0
+    top_p: float = 1.0
+    max_new_tokens: int = 16
+    stop_strings: list[str] = field(default_factory=list)
+    backend: Literal["hf", "vllm"] = "hf"
+    batch_size: int = 256  # sequences per generate call
+    # hf: False takes log-probs from the logits generate already computed (KV-cache
+    # numerics, equal to a fresh forward within ~1e-6); True runs one more forward, exact.
+    # vllm: the old log-probs always come from the policy's own forward (verl's default);
+    # the engine's log-probs feed the mismatch metrics and `dapo.tis_cap`.
+    recompute_logprobs: bool = False
+    vllm: VLLMEngineConfig = field(default_factory=VLLMEngineConfig)
 
 
 @dataclass
@@ -77,7 +109,7 @@ class DapoConfig:
     generation: GenerationConfig = field(default_factory=GenerationConfig)
     # mix: general prompts join the rollout pool; projector: rollouts on the target only,
     # general references regularize the update (llmpost.dapo_regularized)
-    general_mode: str = "mix"
+    general_mode: Literal["mix", "projector"] = "mix"
     projector: RegularizerConfig = field(default_factory=lambda: RegularizerConfig(
         feasible="subset", granularity="layer", fraction=0.5, n_general=8, path="ghost"))
 
@@ -93,7 +125,7 @@ class SftConfig:
     weight_decay: float = 0.0
     grad_clip: float = 1.0
     general_fraction: float = 0.05  # paper: about 100K general of 1.8M
-    general_mode: str = "mix"  # mix | projector (general data as regularizer)
+    general_mode: Literal["mix", "projector"] = "mix"  # projector: general data as regularizer
     projector: RegularizerConfig = field(default_factory=lambda: RegularizerConfig(
         feasible="subset", granularity="layer", fraction=0.5, n_general=8, path="ghost"))
     packing: bool = False

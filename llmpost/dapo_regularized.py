@@ -177,9 +177,6 @@ def build_dapo_regularizer(model: torch.nn.Module, cfg: DapoConfig, general: lis
                            start_step: int = 0) -> DataRegularizer | None:
     """The stage's regularizer in projector mode (None in mix mode); a resumed stage
     continues the regularizer's step count (its sketch seeds)."""
-    if cfg.general_mode not in ("mix", "projector"):
-        raise ConfigError(
-            f"dapo.general_mode: expected 'mix' or 'projector', got {cfg.general_mode!r}")
     if cfg.general_mode == "mix":
         return None
     if not general:

@@ -20,6 +20,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from common.config import check_config
 from common.distributed import all_reduce_values
 from common.errors import ConfigError
 from llmpost.config import DapoConfig
@@ -74,6 +75,14 @@ class PolicyBatch:
             None if self.ref_logprobs is None else [self.ref_logprobs[i] for i in index],
             None if self.engine_logprobs is None else [self.engine_logprobs[i] for i in index],
         )
+
+
+def check_prompt_split(cfg: DapoConfig, world: int, key: str = "dapo") -> None:
+    """Each rank samples `prompts_per_step / world` groups: refuse a count that does not
+    split evenly (it would silently train on fewer, or more, prompts than asked)."""
+    if cfg.prompts_per_step % world:
+        raise ConfigError(f"{key}.prompts_per_step={cfg.prompts_per_step} does not split over {world} ranks; "
+                          f"use a multiple of {world}")
 
 
 def dapo_update(
@@ -194,6 +203,8 @@ def train_dapo(
         raise ConfigError(f"dapo.tis_cap: expected a cap > 0 (e.g. 2), got {cfg.tis_cap}")
     stage_dir = Path(stage_dir)
     rank, world = rank_and_world()
+    check_config(cfg)
+    check_prompt_split(cfg, world)
     run = start_stage(model, cfg.lr, cfg.weight_decay, stage_dir, seed, cfg.steps, cfg.save_every,
                       f"DAPO {stage_dir.name}")
     optimizer, start = run.optimizer, run.step
@@ -205,7 +216,7 @@ def train_dapo(
         model, tokenizer, cfg.generation, str(model_path) if model_path else None)
     if not use_engine:
         rollout = scorer
-    groups_per_rank = max(1, cfg.prompts_per_step // world)
+    groups_per_rank = cfg.prompts_per_step // world
     prompt_cache: dict[str, list[int]] = {}
     last: dict[str, float] = {}
     if start:

@@ -45,6 +45,7 @@ from llmpost.config import (
     DataConfig,
     DiagnoseConfig,
     EvalConfig,
+    GenerationConfig,
     ModelConfig,
     PipelineConfig,
     SftConfig,
@@ -55,7 +56,6 @@ from llmpost.evaluate import eval_records, evaluate_tasks
 from llmpost.pipeline import model_dir, run_stage
 from llmpost.policy import build_policy, save_policy
 from llmpost.rewards import default_registry
-from llmpost.rollout import GenerationConfig
 from llmpost.sft import train_sft
 from llmpost.tasks import GENERAL_TASKS, OOD_SPLIT, SNS_TASKS, vocabulary_words, write_suite
 from llmpost.tokenizer import load_tokenizer, train_tokenizer

@@ -9,11 +9,11 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from llmpost.config import EvalConfig
+from llmpost.config import EvalConfig, GenerationConfig
 from llmpost.data import TaskRecord, by_task, encode_prompt
 from llmpost.policy import rank_and_world
 from llmpost.rewards import RewardRegistry
-from llmpost.rollout import GenerationConfig, HFRollout
+from llmpost.rollout import HFRollout
 
 
 def eval_records(records: list[TaskRecord], per_task: int) -> list[TaskRecord]:

@@ -33,7 +33,7 @@ from common.config import (
 from common.distributed import barrier, init_distributed
 from common.errors import ConfigError, DataError
 from llmpost.config import PipelineConfig
-from llmpost.dapo_trainer import train_dapo
+from llmpost.dapo_trainer import check_prompt_split, train_dapo
 from llmpost.data import TaskRecord, load_many
 from llmpost.diagnose import capability_map, write_capability_map
 from llmpost.evaluate import eval_records, evaluate_tasks, format_scores, score_rows
@@ -242,6 +242,10 @@ def run_pipeline(cfg: PipelineConfig, stages: tuple[int, ...] = (0, 1, 2, 3),
     if run_dir.exists() and not run_dir.is_dir():
         raise ConfigError(f"run_dir: {run_dir} is a file, expected a directory")
     check_resume(cfg, resume_force)  # before config.yaml is rewritten
+    world = rank_and_world()[1]
+    for key in ("stage1", "stage3"):  # before stage 1 trains, not when stage 3 starts
+        if 1 in stages or 3 in stages:
+            check_prompt_split(getattr(cfg, key), world, key)
     registry = registry or rewards_registry(cfg)
     if rank_and_world()[0] == 0:
         save_config(cfg, cfg.run_dir)

@@ -12,7 +12,7 @@ from __future__ import annotations
 import logging
 import os
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -20,39 +20,8 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from common.errors import ConfigError
+from llmpost.config import GenerationConfig
 from llmpost.logprobs import response_logprobs, sampled_logprobs
-
-
-@dataclass
-class VLLMEngineConfig:
-    """Knobs passed to the vLLM engine (`generation.vllm.*`). The GPU ones are documented
-    in the README; on the CPU build, `gpu_memory_utilization` is the share of host memory
-    vLLM may take and sleep mode is ignored (vLLM warns)."""
-
-    gpu_memory_utilization: float = 0.5  # the engine's share of device memory (weights + KV cache)
-    tensor_parallel_size: int = 1  # ranks per engine; consecutive trainer ranks form a group
-    enforce_eager: bool = True  # False: CUDA graphs on a GPU (faster decode, slower start)
-    max_model_len: int = 0  # prompt + response tokens per sequence (0: the model's limit)
-    sleep_between_rollouts: bool = False  # free the KV cache (level-1 sleep) during the update
-    cpu_kv_cache_mib: int = 256  # KV cache on the CPU build (fixed size skips its profiling)
-    dtype: str = "float32"  # float32 | bfloat16 | float16 (the engine's weights)
-    sync_bucket_mib: float = 256.0  # unsharded weights gathered at once by sync_weights
-
-
-@dataclass
-class GenerationConfig:
-    temperature: float = 1.0
-    top_p: float = 1.0
-    max_new_tokens: int = 16
-    stop_strings: list[str] = field(default_factory=list)
-    backend: str = "hf"  # hf | vllm
-    batch_size: int = 256  # sequences per generate call
-    # hf: False takes log-probs from the logits generate already computed (KV-cache
-    # numerics, equal to a fresh forward within ~1e-6); True runs one more forward, exact.
-    # vllm: the old log-probs always come from the policy's own forward (verl's default);
-    # the engine's log-probs feed the mismatch metrics and `dapo.tis_cap`.
-    recompute_logprobs: bool = False
-    vllm: VLLMEngineConfig = field(default_factory=VLLMEngineConfig)
 
 
 @dataclass

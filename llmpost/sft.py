@@ -20,6 +20,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from common.config import check_config
 from common.regularizer import DataRegularizer
 from llmpost.config import SftConfig
 from llmpost.data import TaskRecord, encode_prompt, encode_response, mix, sample_weighted
@@ -129,8 +130,7 @@ def train_sft(
 ) -> dict[str, float]:
     """SFT for `cfg.steps` steps on target data (tasks drawn by `task_weights`) with
     `general_fraction` of each batch from `general`; resumes from `stage_dir/checkpoints`."""
-    if cfg.general_mode not in ("mix", "projector"):
-        raise ValueError(f"sft.general_mode: expected 'mix' or 'projector', got {cfg.general_mode!r}")
+    check_config(cfg)
     if cfg.general_mode == "projector" and not general:
         raise ValueError("sft.general_mode 'projector' needs general data (data.general_train)")
     stage_dir = Path(stage_dir)

@@ -240,7 +240,8 @@ def test_vllm_engine_knobs_on_cuda(tmp_path):
     max_model_len and sleep / wake-up around the update; greedy still equals HF's after a
     weight change pushed while the engine slept, and the log-probs match the policy's."""
     pytest.importorskip("vllm")
-    from llmpost.rollout import GenerationConfig, HFRollout, VLLMEngineConfig, VLLMRollout
+    from llmpost.config import GenerationConfig, VLLMEngineConfig
+    from llmpost.rollout import HFRollout, VLLMRollout
     from llmpost.tasks import vocabulary_words
     from llmpost.tokenizer import train_tokenizer
     from tests.llmpost.conftest import make_tiny_model

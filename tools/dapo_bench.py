@@ -94,11 +94,10 @@ def load_records(assets: Path) -> list:
 def project_worker(assets: Path, backend: str, workload: dict, steps: int, result: Path) -> None:
     import torch
 
-    from llmpost.config import DapoConfig
+    from llmpost.config import DapoConfig, GenerationConfig
     from llmpost.dapo_trainer import train_dapo
     from llmpost.model import load_model
     from llmpost.rewards import default_registry
-    from llmpost.rollout import GenerationConfig
     from llmpost.tokenizer import load_tokenizer
 
     torch.set_num_threads(1)

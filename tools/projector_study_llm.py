@@ -24,14 +24,13 @@ from pathlib import Path
 import torch
 
 from common.regularizer import RegularizerConfig
-from llmpost.config import DapoConfig, EvalConfig, ModelConfig, SftConfig
+from llmpost.config import DapoConfig, EvalConfig, GenerationConfig, ModelConfig, SftConfig
 from llmpost.dapo_trainer import train_dapo
 from llmpost.data import load_many
 from llmpost.demo import DemoConfig, build_base
 from llmpost.evaluate import eval_records, evaluate_tasks
 from llmpost.policy import build_policy, untie_embeddings
 from llmpost.rewards import default_registry
-from llmpost.rollout import GenerationConfig
 from llmpost.tasks import write_suite
 from llmpost.tokenizer import load_tokenizer
 

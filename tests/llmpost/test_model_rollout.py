@@ -5,9 +5,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from llmpost.config import GenerationConfig
 from llmpost.data import encode_prompt, encode_response, record_from_dict
 from llmpost.model import load_model
-from llmpost.rollout import GenerationConfig, HFRollout, pack_right_padded
+from llmpost.rollout import HFRollout, pack_right_padded
 from llmpost.tasks import generate_task
 from llmpost.tokenizer import load_tokenizer, train_tokenizer
 from tests.llmpost.conftest import make_tiny_model

@@ -14,13 +14,13 @@ from llmpost.config import (
     DapoConfig,
     DataConfig,
     EvalConfig,
+    GenerationConfig,
     ModelConfig,
     PipelineConfig,
     SftConfig,
     TinyModelConfig,
 )
-from llmpost.pipeline import run_stage, stage_dir
-from llmpost.rollout import GenerationConfig
+from llmpost.pipeline import run_pipeline, run_stage, stage_dir
 from llmpost.tasks import write_suite
 from tests.killing import killed_after
 
@@ -149,3 +149,22 @@ def test_shipped_configs_load(name):
     cfg = load_config(PipelineConfig, Path(__file__).parents[2] / "configs" / "llm" / name)
     assert cfg.stage1.eps_low == 0.2 and cfg.stage1.eps_high == 0.28
     assert cfg.stage3.hard_examples
+
+
+def test_prompts_that_do_not_split_over_the_ranks_are_refused_before_training(assets, tmp_path):
+    """`prompts_per_step` groups are split over the ranks: 6 over 4 ranks used to train on
+    4 (6 // 4 = 1 a rank) without a word; now the run stops first, naming the key."""
+    from unittest import mock
+
+    from common.errors import ConfigError
+    from llmpost.dapo_trainer import check_prompt_split
+
+    cfg = _config(assets, tmp_path / "run")
+    cfg = replace(cfg, stage1=replace(cfg.stage1, prompts_per_step=6))
+    with mock.patch("llmpost.pipeline.rank_and_world", return_value=(0, 4)):
+        with pytest.raises(ConfigError, match=r"stage1.prompts_per_step=6 does not split over 4 ranks"):
+            run_pipeline(cfg)
+    assert not (tmp_path / "run").exists()
+    check_prompt_split(replace(cfg.stage1, prompts_per_step=8), 4)  # a multiple: accepted
+    with pytest.raises(ConfigError, match="dapo.prompts_per_step=2 does not split over 4 ranks"):
+        check_prompt_split(replace(cfg.stage1, prompts_per_step=2), 4)

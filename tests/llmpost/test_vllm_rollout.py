@@ -18,9 +18,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from llmpost.config import DapoConfig
+from llmpost.config import DapoConfig, GenerationConfig
 from llmpost.dapo import logprob_mismatch, policy_loss, policy_token_losses, tis_weights
-from llmpost.rollout import GenerationConfig, HFRollout, RolloutBatch, VLLMRollout, full_weights
+from llmpost.rollout import HFRollout, RolloutBatch, VLLMRollout, full_weights
 from llmpost.tasks import vocabulary_words
 from tests.llmpost.conftest import make_tiny_model
 from tests.multiproc import run_on_ranks
