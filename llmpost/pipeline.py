@@ -17,6 +17,8 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -53,7 +55,6 @@ from llmpost.tokenizer import load_tokenizer
 logger = logging.getLogger(__name__)
 
 HELP = "run the three-stage pipeline (or one stage with --stage N); resumes where it stopped"
-STAGE_NAMES = {1: "exploratory RL (DAPO)", 2: "targeted SFT", 3: "refinement RL (DAPO)"}
 
 
 def stage_dir(cfg: PipelineConfig, stage: int) -> Path:
@@ -176,8 +177,62 @@ def hard_examples(model: torch.nn.Module, tokenizer: Any, cfg: PipelineConfig,
     return hard or pool
 
 
+@dataclass(frozen=True)
+class StageInputs:
+    """What a stage's train function gets: the policy to train in place and its data."""
+
+    cfg: PipelineConfig
+    model: torch.nn.Module
+    tokenizer: Any
+    data: dict[str, list[TaskRecord]]
+    registry: RewardRegistry
+    out: Path
+    seed: int
+    previous: Path  # the model the stage starts from
+    reference: torch.nn.Module | None
+
+
+def _exploratory_dapo(x: StageInputs) -> None:
+    train_dapo(x.model, x.tokenizer, x.data["sns_train"], x.data["general_train"], x.cfg.stage1, x.registry,
+               x.out, x.seed, x.cfg.data.chat_kwargs, model_path=x.previous, reference=x.reference)
+
+
+def _targeted_sft(x: StageInputs) -> None:
+    cap = json.loads((stage_dir(x.cfg, 1) / "capability_map.json").read_text())
+    train_sft(x.model, x.tokenizer, x.data["sns_train"], x.data["general_train"], x.cfg.stage2, x.out,
+              x.seed, task_weights=cap["weights"], chat_kwargs=x.cfg.data.chat_kwargs)
+
+
+def _refinement_dapo(x: StageInputs) -> None:
+    pool = x.data["sns_train"]
+    if x.cfg.stage3.hard_examples:
+        pool = hard_examples(x.model, x.tokenizer, x.cfg, pool, x.registry)
+    train_dapo(x.model, x.tokenizer, pool, x.data["general_train"], x.cfg.stage3, x.registry, x.out, x.seed,
+               x.cfg.data.chat_kwargs, model_path=x.previous, reference=x.reference)
+
+
+@dataclass(frozen=True)
+class Stage:
+    """One stage of RedOne 2.0: its config section, how it trains, and what it needs first
+    (the previous stage's model; stage 1 starts from the base)."""
+
+    name: str
+    section: str  # the PipelineConfig field of its settings
+    train: Callable[[StageInputs], None]
+    rl: bool  # DAPO (may keep a KL reference) or SFT
+    diagnoses: bool = False  # writes the capability map stage 2 reads
+
+
+STAGES: dict[int, Stage] = {
+    1: Stage("exploratory RL (DAPO)", "stage1", _exploratory_dapo, rl=True, diagnoses=True),
+    2: Stage("targeted SFT", "stage2", _targeted_sft, rl=False),
+    3: Stage("refinement RL (DAPO)", "stage3", _refinement_dapo, rl=True),
+}
+
+
 def run_stage(cfg: PipelineConfig, stage: int, registry: RewardRegistry | None = None) -> dict[str, Any]:
-    """Train (or resume) one stage, save its model, evaluate it; returns its evaluation."""
+    """Train (or resume) one stage, save its model, evaluate it; returns its evaluation.
+    Stage 0 evaluates the base model."""
     registry = registry or rewards_registry(cfg)
     out = stage_dir(cfg, stage)
     if is_done(cfg, stage):
@@ -185,45 +240,28 @@ def run_stage(cfg: PipelineConfig, stage: int, registry: RewardRegistry | None =
     data = _load_data(cfg, registry)
     if stage == 0:
         base = prepare_base(cfg)
-        tokenizer = load_tokenizer(base)
-        result = evaluate_model(cfg, base, tokenizer, data["eval"], registry)
+        result = evaluate_model(cfg, base, load_tokenizer(base), data["eval"], registry)
         _finish(out, result)
         return result
-    previous = model_dir(cfg, stage - 1)
+    spec = STAGES[stage]
     if stage > 1 and not is_done(cfg, stage - 1):
         raise ConfigError(f"stage {stage} needs stage {stage - 1} first (no {stage_dir(cfg, stage - 1)}/done.json)")
-    if stage == 1:
-        previous = prepare_base(cfg)
-    logger.info("stage %d: %s from %s", stage, STAGE_NAMES[stage], previous)
+    previous = prepare_base(cfg) if stage == 1 else model_dir(cfg, stage - 1)
+    logger.info("stage %d: %s from %s", stage, spec.name, previous)
+    section = getattr(cfg, spec.section)
     tokenizer = load_tokenizer(previous)
     model = build_policy(cfg.model, tokenizer, previous)
-    stage_cfg = {1: cfg.stage1, 2: cfg.stage2, 3: cfg.stage3}.get(stage, cfg.stage2)
-    if stage_cfg.general_mode == "projector":
+    if section.general_mode == "projector":
         untie_embeddings(model)  # the regularizer's ghost path refuses tied weights
     model = shard_policy(model, cfg.model)
-    seed = cfg.seed * 1000 + stage
-    chat = cfg.data.chat_kwargs
-    rl_cfg = cfg.stage1 if stage == 1 else cfg.stage3
     reference = None
-    if stage != 2 and rl_cfg.kl_coef:
+    if spec.rl and section.kl_coef:
         reference = shard_policy(build_policy(cfg.model, tokenizer, previous), cfg.model)
         reference.requires_grad_(False)
-    if stage == 1:
-        train_dapo(model, tokenizer, data["sns_train"], data["general_train"], cfg.stage1,
-                   registry, out, seed, chat, model_path=previous, reference=reference)
-    elif stage == 2:
-        cap = json.loads((stage_dir(cfg, 1) / "capability_map.json").read_text())
-        train_sft(model, tokenizer, data["sns_train"], data["general_train"], cfg.stage2, out,
-                  seed, task_weights=cap["weights"], chat_kwargs=chat)
-    else:
-        pool = data["sns_train"]
-        if cfg.stage3.hard_examples:
-            pool = hard_examples(model, tokenizer, cfg, pool, registry)
-        train_dapo(model, tokenizer, pool, data["general_train"], cfg.stage3, registry, out,
-                   seed, chat, model_path=previous, reference=reference)
+    spec.train(StageInputs(cfg, model, tokenizer, data, registry, out, cfg.seed * 1000 + stage, previous, reference))
     save_policy(model, tokenizer, out / "model")
-    result = evaluate_tasks(model, tokenizer, data["eval"], registry, cfg.eval, chat)
-    if stage == 1 and rank_and_world()[0] == 0:
+    result = evaluate_tasks(model, tokenizer, data["eval"], registry, cfg.eval, cfg.data.chat_kwargs)
+    if spec.diagnoses and rank_and_world()[0] == 0:
         write_capability_map(capability_map(result, cfg.diagnose), out)
     _finish(out, result)
     return result
