@@ -85,3 +85,21 @@ def test_pack_right_padded_marks_response_positions():
     assert attn.tolist() == [[1, 1, 1, 1], [1, 1, 1, 1]]
     # position t predicts token t+1
     assert resp.tolist() == [[0, 1, 1], [1, 1, 1]]
+
+
+def test_cut_at_stop_finds_the_shortest_prefix_holding_a_stop(word_tokenizer):
+    """The bisection gives what scanning every prefix gives, and says when no stop is met."""
+    import random
+
+    from llmpost.rollout import _cut_at_stop
+
+    rng = random.Random(0)
+    vocab = [i for i in range(len(word_tokenizer)) if i not in word_tokenizer.all_special_ids]
+    for _ in range(30):
+        tokens = [rng.choice(vocab) for _ in range(rng.randint(1, 12))]
+        words = word_tokenizer.decode(tokens, skip_special_tokens=True).split()
+        stops = [rng.choice(words)] if words and rng.random() < 0.8 else ["<never>"]
+        scan = next((tokens[:k] for k in range(1, len(tokens) + 1)
+                     if any(s in word_tokenizer.decode(tokens[:k], skip_special_tokens=True) for s in stops)), None)
+        cut, stopped = _cut_at_stop(tokens, word_tokenizer, stops)
+        assert stopped == (scan is not None) and cut == (scan if scan is not None else tokens)
