@@ -42,7 +42,7 @@ ROW_BLOCK_BYTES_ACCELERATOR = 128 << 20
 def response_logprobs(
     model: nn.Module,
     input_ids: torch.Tensor,
-    attention_mask: torch.Tensor,
+    attention_mask: torch.Tensor | None,
     response_mask: torch.Tensor,
     temperature: float = 1.0,
     chunk_size: int = DEFAULT_CHUNK_SIZE,
@@ -86,7 +86,7 @@ def response_logprobs(
 
 
 def final_hidden_states(
-    model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+    model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor | None,
     position_ids: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """`(B, S, D)`: the hidden states the LM head reads (after the final norm).

@@ -56,11 +56,11 @@ def collate_padded(examples: list[tuple[list[int], list[int]]], pad_id: int, max
 
 def collate_packed(examples: list[tuple[list[int], list[int]]], pad_id: int, max_length: int
                    ) -> dict[str, torch.Tensor]:
-    """Concatenate examples into rows of `max_length`; position ids restart per example.
-
-    Attention is not blocked between examples of a row (as in TRL's classic packing);
-    the labels never cross a boundary.
-    """
+    """Concatenate examples into rows of `max_length`, position ids restarting per example
+    and no attention mask, as `transformers.DataCollatorWithFlattening` packs: the model
+    then attends within each example only (transformers reads the examples' bounds off
+    the position ids). The labels never cross a boundary; the padding after the last
+    example of a row is its own run of positions and is not scored."""
     rows: list[tuple[list[int], list[int], list[int]]] = [([], [], [])]
     for i, lab in examples:
         i, lab = i[:max_length], lab[:max_length]
@@ -73,11 +73,11 @@ def collate_packed(examples: list[tuple[list[int], list[int]]], pad_id: int, max
     ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
     labels = torch.full((len(rows), width), IGNORE, dtype=torch.long)
     pos = torch.zeros(len(rows), width, dtype=torch.long)
-    attn = torch.zeros(len(rows), width, dtype=torch.long)
     for b, (i, lab, p) in enumerate(rows):
         ids[b, : len(i)], labels[b, : len(lab)] = torch.tensor(i), torch.tensor(lab)
-        pos[b, : len(p)], attn[b, : len(i)] = torch.tensor(p), 1
-    return {"input_ids": ids, "labels": labels, "attention_mask": attn, "position_ids": pos}
+        pos[b, : len(p)] = torch.tensor(p)
+        pos[b, len(p):] = torch.arange(width - len(p))
+    return {"input_ids": ids, "labels": labels, "position_ids": pos}
 
 
 def completion_loss(model: torch.nn.Module, batch: dict[str, torch.Tensor],
@@ -86,18 +86,24 @@ def completion_loss(model: torch.nn.Module, batch: dict[str, torch.Tensor],
     """Sum of answer-token cross-entropies / `num_tokens` (default: this batch's count).
 
     The LM head runs on the label positions only, `chunk_size` of them at a time
-    (`llmpost.logprobs`), so no `(B, S, V)` logits are formed.
+    (`llmpost.logprobs`), so no `(B, S, V)` logits are formed. Not the model's own loss
+    (`labels`, `num_items_in_batch`): it forms them, 2.4 GB for one 1,024-token row at
+    Qwen's 151,936 words (`tests/llmpost/test_logprobs.py` measures both).
     """
     device = next(model.parameters()).device
     labels = batch["labels"][:, 1:].to(device)
     scored = labels != IGNORE
     position_ids = batch.get("position_ids")
     logp, _ = response_logprobs(
-        model, batch["input_ids"].to(device), batch["attention_mask"].to(device), scored,
+        model, batch["input_ids"].to(device), _to(batch.get("attention_mask"), device), scored,
         chunk_size=chunk_size, targets=labels.clamp(min=0),
         position_ids=position_ids.to(device) if position_ids is not None else None)
     denom = num_tokens if num_tokens is not None else scored.sum().item()
     return -logp.sum() / max(float(denom), 1.0)
+
+
+def _to(tensor: torch.Tensor | None, device: torch.device) -> torch.Tensor | None:
+    return None if tensor is None else tensor.to(device)
 
 
 def per_sample_completion_loss(model: torch.nn.Module, batch: dict[str, torch.Tensor]

@@ -148,7 +148,8 @@ def _sft_examples(seed):
 
 def _old_completion_loss(model, batch, num_tokens=None):
     """The SFT loss before chunking: cross-entropy over the full `(B, S-1, V)` logits."""
-    logits = model(**{k: v for k, v in batch.items() if k != "labels"}).logits[:, :-1]
+    # use_cache=False: with a cache transformers ignores packed position ids (no block mask)
+    logits = model(**{k: v for k, v in batch.items() if k != "labels"}, use_cache=False).logits[:, :-1]
     labels = batch["labels"][:, 1:]
     total = F.cross_entropy(logits.reshape(-1, logits.size(-1)), labels.reshape(-1),
                             ignore_index=IGNORE, reduction="sum")

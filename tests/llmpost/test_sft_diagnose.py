@@ -41,9 +41,9 @@ def test_packing_keeps_labels_and_restarts_positions(word_tokenizer):
     length = len(examples[0][0]) + len(examples[1][0]) + 1
     packed = collate_packed(examples, word_tokenizer.pad_token_id, length)
     assert packed["input_ids"].shape[0] < len(examples)
-    flat = [t for row, m in zip(packed["labels"].tolist(), packed["attention_mask"].tolist())
-            for t, keep in zip(row, m) if keep]
-    assert flat == [t for _, lab in examples for t in lab]
+    assert "attention_mask" not in packed  # the model reads the examples' bounds off the positions
+    flat = [t for row in packed["labels"].tolist() for t in row if t != IGNORE]
+    assert flat == [t for _, lab in examples for t in lab if t != IGNORE]
     first = packed["position_ids"][0].tolist()
     n0 = len(examples[0][0])
     assert first[:n0] == list(range(n0)) and first[n0] == 0
@@ -52,6 +52,28 @@ def test_packing_keeps_labels_and_restarts_positions(word_tokenizer):
     model = make_tiny_model(word_tokenizer)
     padded = collate_padded(examples[:1], word_tokenizer.pad_token_id, length)
     torch.testing.assert_close(completion_loss(model, single), completion_loss(model, padded))
+
+
+def test_packed_examples_attend_only_to_themselves(word_tokenizer):
+    """A packed batch's loss and gradients equal those of the same examples padded, each
+    in its own row (before, packed examples attended to the ones before them)."""
+    records = [record_from_dict(r) for r in generate_task("taxonomy", 6, 0)]
+    examples = [build_example(word_tokenizer, r) for r in records]
+    length = sum(len(i) for i, _ in examples[:3])
+    packed = collate_packed(examples, word_tokenizer.pad_token_id, length)
+    assert packed["input_ids"].shape[0] < len(examples)
+    padded = collate_padded(examples, word_tokenizer.pad_token_id, length)
+    model = make_tiny_model(word_tokenizer).double()
+    results = []
+    for batch in (packed, padded):
+        model.zero_grad(set_to_none=True)
+        loss = completion_loss(model, batch, num_tokens=40.0)
+        loss.backward()
+        results.append((loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}))
+    (loss_a, grads_a), (loss_b, grads_b) = results
+    torch.testing.assert_close(loss_a, loss_b, rtol=1e-10, atol=0)
+    for name in grads_b:
+        torch.testing.assert_close(grads_a[name], grads_b[name], rtol=1e-8, atol=1e-12, msg=name)
 
 
 def test_capability_map_weak_tasks_and_weights(tmp_path):
