@@ -32,7 +32,7 @@ def test_every_arm_runs_for_two_seeds_and_results_hold_the_spread_and_claims(tmp
         assert f"| {arm} |" in printed
         for metric in ("sns_avg", "general_avg", "ood_sns_avg", "ood_general_avg"):
             stats = saved["arms"][arm][metric]
-            assert stats["n_seeds"] == 2 and 0.0 <= stats["mean"] <= 1.0
+            assert stats["n_seeds"] == 2
             a, b = stats["values"]
             assert stats["mean"] == pytest.approx((a + b) / 2)
             assert stats["std"] == pytest.approx(abs(a - b) / 2 ** 0.5)

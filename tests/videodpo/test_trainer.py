@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import load_file
 
 from common.errors import DataError, UserError
 from common.run import warmup_cosine
@@ -272,7 +273,8 @@ def test_validation_every_n_steps_writes_clips_sheet_and_pair_metrics(tmp_path):
     assert (out / "contact_sheet.png").is_file()
     logged = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     val = [r for r in logged if "val/dpo_accuracy" in r]
-    assert len(val) == 1 and 0.0 <= val[0]["val/dpo_accuracy"] <= 1.0 and val[0]["val/sft_error"] > 0
+    # two held-out pairs: the accuracy is the share of them the policy ranks right, k / 2
+    assert len(val) == 1 and val[0]["val/dpo_accuracy"] * 2 in (0.0, 1.0, 2.0) and val[0]["val/sft_error"] > 0
 
 
 def test_training_from_the_latent_cache_equals_training_from_clips(tmp_path):
@@ -438,5 +440,7 @@ def test_lora_from_a_model_folder_starts_as_the_in_memory_path(tmp_path):
         adapter = load_adapter(model_dir) if source == "memory" else None
         result = train(cfg, dataset=PairList(), adapter=adapter)
         runs.append([h["loss"] for h in result.history])
-        assert (result.export_dir / "pytorch_lora_weights.safetensors").is_file()
+        exported = load_file(result.export_dir / "pytorch_lora_weights.safetensors")
+        lora_b = [v for k, v in exported.items() if "lora_B" in k]
+        assert lora_b and all(v.abs().max() > 0 for v in lora_b)  # trained: B starts at zero
     assert runs[0] == pytest.approx(runs[1], rel=1e-6) and runs[0][0] != runs[0][1]

@@ -284,6 +284,9 @@ def test_pair_and_context_parallel_and_fsdp_lockstep_with_two_experts_equal_one_
     cfg = _cfg(tmp_path / "single", a14b_dir, "both", steps=3)
     result = train(cfg, dataset=_pairs(4), adapter=adapter)
     losses, params = [h["loss"] for h in result.history], adapter.transformer.state_dict()
+    start = _expert_states(a14b_dir)
+    for name in ("transformer", "transformer_2"):  # both experts trained in the three steps
+        assert any(not torch.equal(params[f"{name}.{k}"], v) for k, v in start[name].items()), name
     # one process, both samples: the gradient the two data ranks average to
     state = build_training_state(_cfg(tmp_path / "single_dp", a14b_dir, "both"))
     x, noise, t, cond = _routed_batch(state.adapter)
