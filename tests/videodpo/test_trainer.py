@@ -185,33 +185,41 @@ def test_corrupt_manifest_row_is_skipped_and_counted(tmp_path):
         train(cfg, adapter=_adapter())
 
 
-def _train_layout(rank, world_size, out_dir, pair, cp, cp_mode):
+def _train_layout(rank, world_size, out_dir, layouts):
+    """Two steps under each `(pair, cp, cp_mode)` of `layouts`, in one process group:
+    losses and unsharded parameters per layout."""
     from common.fsdp import full_state_dict
 
-    cfg = _cfg(Path(out_dir), steps=2)
-    cfg.optim.eps = 1e-4  # damps AdamW's lr * sign(g) response to float noise in tiny gradients
-    cfg.parallel.pair, cfg.parallel.cp, cfg.parallel.cp_mode = pair, cp, cp_mode
-    adapter = _adapter()
-    result = train(cfg, dataset=PairList(), adapter=adapter)
-    return [h["loss"] for h in result.history], full_state_dict(adapter.transformer)
+    out = []
+    for i, (pair, cp, cp_mode) in enumerate(layouts):
+        cfg = _cfg(Path(out_dir) / str(i), steps=2)
+        cfg.optim.eps = 1e-4  # damps AdamW's lr * sign(g) response to float noise in tiny gradients
+        cfg.parallel.pair, cfg.parallel.cp, cfg.parallel.cp_mode = pair, cp, cp_mode
+        adapter = _adapter()
+        result = train(cfg, dataset=PairList(), adapter=adapter)
+        out.append(([h["loss"] for h in result.history], full_state_dict(adapter.transformer)))
+    return out
 
 
 @pytest.mark.parametrize(
-    "pair,cp,cp_mode",
-    [(2, 1, "ulysses"), (1, 2, "ulysses"), pytest.param(1, 2, "ring", marks=pytest.mark.slow)],
+    "layouts",
+    [pytest.param([(2, 1, "ulysses"), (1, 2, "ulysses")], id="pair-and-ulysses"),
+     pytest.param([(1, 2, "ring")], id="ring", marks=pytest.mark.slow)],
 )
-def test_pair_and_cp_training_equal_single_process(tmp_path, pair, cp, cp_mode):
+def test_pair_and_cp_training_equal_single_process(tmp_path, layouts):
+    """One spawn of two gloo ranks runs every layout of a parametrisation."""
     from tests.multiproc import run_on_ranks
 
-    losses, params = _train_layout(0, 1, tmp_path / "single", 1, 1, "ulysses")
+    [(losses, params)] = _train_layout(0, 1, tmp_path / "single", [(1, 1, "ulysses")])
     _assert_trained(params)
-    results = run_on_ranks(_train_layout, 2, str(tmp_path / "multi"), pair, cp, cp_mode)
-    for rank_losses, rank_params in results:
-        assert rank_losses == pytest.approx(losses, rel=1e-5)
-        for name, p in params.items():
-            # Adam divides by sqrt(v): float-order noise in tiny gradients shows up as up
-            # to a few 1e-6 in the parameters; 1e-5 is 1% of one step (lr = 1e-3).
-            torch.testing.assert_close(rank_params[name], p, rtol=0, atol=1e-5, msg=name)
+    for rank_runs in run_on_ranks(_train_layout, 2, str(tmp_path / "multi"), layouts):
+        assert len(rank_runs) == len(layouts)
+        for rank_losses, rank_params in rank_runs:
+            assert rank_losses == pytest.approx(losses, rel=1e-5)
+            for name, p in params.items():
+                # Adam divides by sqrt(v): float-order noise in tiny gradients shows up as up
+                # to a few 1e-6 in the parameters; 1e-5 is 1% of one step (lr = 1e-3).
+                torch.testing.assert_close(rank_params[name], p, rtol=0, atol=1e-5, msg=name)
 
 
 @pytest.mark.parametrize("name", ["wan2.1_t2v_1.3b_regdpo", "wan2.1_i2v_14b_regdpo", "cogvideox_5b_regdpo"])
