@@ -12,7 +12,6 @@ the journals into `out_dir/pairs.jsonl` and prints rows generated / skipped / fa
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -40,7 +39,7 @@ from videodpo.data.video_io import (
     to_pil_image,
     write_video,
 )
-from videodpo.models import PIPELINES
+from videodpo.models.registry import PIPELINES, read_pipeline_index
 
 HELP = "build a GT-Pair manifest: real clip preferred, base-model generation rejected"
 logger = logging.getLogger(__name__)
@@ -61,12 +60,8 @@ class BuildSummary:
 def load_pipeline(model_dir: str | Path, dtype: torch.dtype, task: str = "auto"):
     """A diffusers video pipeline from a local directory, and its task (t2v / i2v)."""
     model_dir = Path(model_dir)
-    index = model_dir / "model_index.json"
-    if not index.is_file():
-        raise ConfigError(f"model '{model_dir}': no model_index.json (a diffusers pipeline folder)")
-    class_name = json.loads(index.read_text()).get("_class_name")
-    if class_name not in PIPELINES:
-        raise ConfigError(f"{index}: pipeline {class_name!r} is not one of {sorted(PIPELINES)}")
+    _, config = read_pipeline_index(model_dir)
+    class_name = config["_class_name"]
     found = PIPELINES[class_name][1]
     if task not in ("auto", found):
         raise ConfigError(f"config key 'task' is {task!r} but {model_dir} holds a {found} pipeline")

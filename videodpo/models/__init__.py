@@ -28,7 +28,7 @@ from videodpo.models.base import (
     read_pixel_meta,
 )
 from videodpo.models.experts import ExpertWeights, TimestepExperts
-from videodpo.models.registry import ADAPTERS, PIPELINES
+from videodpo.models.registry import ADAPTERS, PIPELINES, read_pipeline_index
 from videodpo.models.tiny import CaptionEncoder
 from videodpo.objective import DiffusionObjective
 
@@ -116,14 +116,9 @@ def load_adapter(
         objective = objective_for(meta["family"], scheduler, flow_shift)
         return cls(transformer, scheduler, meta["task"], objective, captions, pipeline=None, pixel_meta=meta,
                    dtype=dtype)
-    index = path / "model_index.json"
-    if not index.is_file():
-        raise ConfigError(f"{path}: not a model directory (no model_index.json or videodpo_model.json)")
-    class_name = json.loads(index.read_text()).get("_class_name")
-    if class_name not in PIPELINES:
-        raise ConfigError(f"{index}: pipeline {class_name!r} is not supported; expected one of {sorted(PIPELINES)}")
+    index, config = read_pipeline_index(path, "model.path (nor a videodpo_model.json)")
+    class_name = config["_class_name"]
     family, saved_task = PIPELINES[class_name]
-    config = json.loads(index.read_text())
     if task not in (None, "", saved_task) and not config.get("expand_timesteps"):
         raise ConfigError(f"model.task={task}: {index} is a {class_name} ({saved_task}); only a model with "
                           "expand_timesteps (Wan2.2 TI2V) serves both tasks")
