@@ -26,7 +26,6 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch import nn
 from torch.distributed.checkpoint.api import CheckpointException  # a BaseException
@@ -38,8 +37,9 @@ from torch.distributed.checkpoint.state_dict import (
     set_state_dict,
 )
 
-from common.distributed import all_reduce_values
+from common.distributed import any_rank, barrier, rank, world_size
 from common.errors import UserError
+from common.io import replace_path, write_text_atomic
 
 logger = logging.getLogger(__name__)
 
@@ -58,20 +58,6 @@ def _short(err: BaseException) -> str:
     causes = [line for line in lines if re.match(r"^[\w.]+(Error|Exception): ", line)]
     text = causes[-1] if causes else (lines[0] if lines else "")
     return f"{type(err).__name__}: {text[:300]}"
-
-
-def _any_rank_failed(failed: bool) -> bool:
-    flag = torch.tensor([1.0 if failed else 0.0], dtype=torch.float64)
-    return bool(all_reduce_values(flag).item() > 0)
-
-
-def _rank() -> int:
-    return dist.get_rank() if dist.is_initialized() else 0
-
-
-def _barrier() -> None:
-    if dist.is_initialized():
-        dist.barrier()
 
 
 def rng_state() -> dict[str, Any]:
@@ -122,11 +108,11 @@ class Checkpointer:
         """Write the state at `step` (a collective: every rank calls it)."""
         final = self.root / f"step_{step:09d}"
         tmp = self.root / f".tmp_step_{step:09d}"
-        if _rank() == 0:
+        if rank() == 0:
             if tmp.exists():
                 shutil.rmtree(tmp)
             tmp.mkdir(parents=True)
-        _barrier()
+        barrier()
         start = time.perf_counter()
         state = self._model_optim_state(model, optimizer)
         if state:
@@ -137,16 +123,13 @@ class Checkpointer:
             "extra": extra or {},
             "rng": rng_state(),
         }
-        torch.save(local, tmp / f"rank_{_rank():05d}.pt")
-        _barrier()
-        if _rank() == 0:
-            world = dist.get_world_size() if dist.is_initialized() else 1
-            (tmp / COMPLETE_MARKER).write_text(json.dumps({"step": step, "world_size": world}))
-            if final.exists():
-                shutil.rmtree(final)
-            tmp.rename(final)
+        torch.save(local, tmp / f"rank_{rank():05d}.pt")
+        barrier()
+        if rank() == 0:
+            (tmp / COMPLETE_MARKER).write_text(json.dumps({"step": step, "world_size": world_size()}))
+            replace_path(tmp, final)
             self._prune()
-        _barrier()
+        barrier()
         logger.info("checkpoint saved: %s (%.2fs)", final, time.perf_counter() - start)
         return final
 
@@ -178,12 +161,12 @@ class Checkpointer:
                 local = self._read_local(path)
             except Exception as err:  # noqa: BLE001 - any failure: report it, try the previous one
                 error = _short(err)
-            if not _any_rank_failed(error is not None):
+            if not any_rank(error is not None):
                 try:
                     self._restore(path, local, model, optimizer, scheduler, extra)
                 except (Exception, CheckpointException) as err:  # noqa: BLE001 - DCP raises on all ranks
                     error = _short(err)
-                if not _any_rank_failed(error is not None):
+                if not any_rank(error is not None):
                     if reasons:
                         logger.warning("resumed from the previous complete checkpoint %s", path)
                     logger.info("resumed from %s (step %d)", path, local["step"])
@@ -194,11 +177,11 @@ class Checkpointer:
         raise CheckpointError("no checkpoint could be loaded: " + " | ".join(reasons))
 
     def _read_local(self, path: Path) -> dict[str, Any]:
-        local_file = path / f"rank_{_rank():05d}.pt"
+        local_file = path / f"rank_{rank():05d}.pt"
         if not local_file.is_file():
             saved = json.loads((path / COMPLETE_MARKER).read_text())["world_size"]
             raise CheckpointError(
-                f"{path}: no state for rank {_rank()} (saved with {saved} ranks); "
+                f"{path}: no state for rank {rank()} (saved with {saved} ranks); "
                 "resume with the same number of ranks"
             )
         return torch.load(local_file, weights_only=False)
@@ -240,7 +223,7 @@ def trim_metrics_log(run_dir: str | Path, step: int, name: str = "metrics.jsonl"
     """Drop the lines of `run_dir/name` logged after `step` (a resumed run logs them again);
     returns how many went. Rank 0 only; the file is replaced atomically."""
     path = Path(run_dir) / name
-    if _rank() != 0 or not path.is_file():
+    if rank() != 0 or not path.is_file():
         return 0
     kept, dropped = [], 0
     for line in path.read_text().splitlines():
@@ -253,7 +236,5 @@ def trim_metrics_log(run_dir: str | Path, step: int, name: str = "metrics.jsonl"
         else:
             kept.append(line + "\n")
     if dropped:
-        tmp = path.with_name(path.name + ".tmp")
-        tmp.write_text("".join(kept))
-        tmp.replace(path)
+        write_text_atomic(path, "".join(kept))
     return dropped

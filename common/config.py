@@ -23,6 +23,7 @@ from typing import Any, TypeVar
 import yaml
 
 from common.errors import ConfigError
+from common.io import write_text_atomic
 
 T = TypeVar("T")
 CONFIG_FILENAME = "config.yaml"
@@ -84,10 +85,7 @@ def save_config(cfg: Any, run_dir: str | Path) -> Path:
         raise ConfigError(f"{run_dir}: is a file, expected a directory for the run")
     run_dir.mkdir(parents=True, exist_ok=True)
     out = run_dir / CONFIG_FILENAME
-    tmp = out.with_suffix(".yaml.tmp")
-    tmp.write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
-    tmp.replace(out)
-    return out
+    return write_text_atomic(out, yaml.safe_dump(to_dict(cfg), sort_keys=False))
 
 
 def to_dict(cfg: Any) -> Any:

@@ -12,7 +12,9 @@ from __future__ import annotations
 import datetime
 import logging
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import TypeVar
 
 import torch
 import torch.distributed as dist
@@ -21,6 +23,7 @@ from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 logger = logging.getLogger(__name__)
 
 MESH_DIMS = ("dp_replicate", "dp_shard", "pair", "cp")
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -52,12 +55,30 @@ def init_distributed(timeout_s: int = 600) -> DistInfo:
     return DistInfo(dist.get_rank(), dist.get_world_size(), local_rank, device, backend)
 
 
-def is_main_process() -> bool:
-    return not dist.is_initialized() or dist.get_rank() == 0
+def rank() -> int:
+    """This process's global rank (0 without a process group)."""
+    return dist.get_rank() if dist.is_initialized() else 0
 
 
 def world_size() -> int:
     return dist.get_world_size() if dist.is_initialized() else 1
+
+
+def rank_and_world() -> tuple[int, int]:
+    return rank(), world_size()
+
+
+def is_main_process() -> bool:
+    return rank() == 0
+
+
+def rank_share(items: Sequence[T], rank: int, world: int) -> list[T]:
+    """Rank `rank`'s items when `items` is dealt round-robin over `world` ranks
+    (`items[rank::world]`): every item goes to exactly one rank, and shares differ in
+    length by at most one."""
+    if not 0 <= rank < world:
+        raise ValueError(f"rank {rank} is outside a world of {world}")
+    return list(items[rank::world])
 
 
 def collective_device(group: dist.ProcessGroup | None = None) -> torch.device:
@@ -78,6 +99,22 @@ def all_reduce_values(
     t = values.to(collective_device(group))
     dist.all_reduce(t, op=op, group=group)
     return t.to(values.device)
+
+
+def global_sum(value: float) -> float:
+    """`value` summed over all ranks (float64, so counts stay exact)."""
+    return float(all_reduce_values(torch.tensor([float(value)], dtype=torch.float64)).item())
+
+
+def global_max(value: float) -> float:
+    """The largest `value` over all ranks."""
+    flag = torch.tensor([float(value)], dtype=torch.float64)
+    return float(all_reduce_values(flag, op=dist.ReduceOp.MAX).item())
+
+
+def any_rank(flag: bool) -> bool:
+    """True on every rank when `flag` is true on at least one."""
+    return global_max(1.0 if flag else 0.0) > 0
 
 
 def barrier() -> None:

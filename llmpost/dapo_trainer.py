@@ -21,7 +21,7 @@ import torch
 import torch.distributed as dist
 
 from common.config import check_config
-from common.distributed import all_reduce_values
+from common.distributed import all_reduce_values, any_rank, global_sum, rank_and_world
 from common.errors import ConfigError
 from llmpost.config import DapoConfig
 from llmpost.dapo import (
@@ -39,7 +39,7 @@ from llmpost.dapo import (
 from llmpost.dapo_regularized import build_dapo_regularizer, general_batch, projector_update
 from llmpost.data import TaskRecord, encode_prompt, mix
 from llmpost.logprobs import response_logprobs
-from llmpost.policy import any_rank, global_sum, rank_and_world, start_stage
+from llmpost.policy import start_stage
 from llmpost.rewards import RewardRegistry
 from llmpost.rollout import (
     HFRollout,

@@ -9,9 +9,9 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from common.distributed import rank_and_world, rank_share
 from llmpost.config import EvalConfig, GenerationConfig
 from llmpost.data import TaskRecord, by_task, encode_prompt
-from llmpost.policy import rank_and_world
 from llmpost.rewards import RewardRegistry
 from llmpost.rollout import HFRollout
 
@@ -39,7 +39,7 @@ def score_rows(
 ) -> list[dict[str, Any]]:
     """One row per record: greedy response and its reward; every rank gets all rows."""
     rank, world = rank_and_world()
-    mine = records[rank::world]
+    mine = rank_share(records, rank, world)
     # FSDP's collectives need every rank to generate the same number of rows.
     n_rows = -(-len(records) // world)
     padded = mine + records[: n_rows - len(mine)]

@@ -32,8 +32,9 @@ from common.config import (
     resume_mismatch,
     save_config,
 )
-from common.distributed import barrier, init_distributed
+from common.distributed import barrier, global_sum, init_distributed, rank_and_world
 from common.errors import ConfigError, DataError
+from common.io import write_text_atomic
 from llmpost.config import PipelineConfig
 from llmpost.dapo_trainer import check_prompt_split, train_dapo
 from llmpost.data import TaskRecord, load_many
@@ -41,8 +42,6 @@ from llmpost.diagnose import capability_map, write_capability_map
 from llmpost.evaluate import eval_records, evaluate_tasks, format_scores, score_rows
 from llmpost.policy import (
     build_policy,
-    global_sum,
-    rank_and_world,
     save_policy,
     shard_policy,
     untie_embeddings,
@@ -160,9 +159,7 @@ def evaluate_model(cfg: PipelineConfig, path: Path, tokenizer: Any, records: lis
 def _write_json(path: Path, payload: Any) -> None:
     if rank_and_world()[0] == 0:
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(".json.tmp")
-        tmp.write_text(json.dumps(payload, indent=2))
-        tmp.replace(path)
+        write_text_atomic(path, json.dumps(payload, indent=2))
 
 
 def hard_examples(model: torch.nn.Module, tokenizer: Any, cfg: PipelineConfig,

@@ -4,24 +4,17 @@ cross-rank reductions the trainers need (token counts, "does any rank need more"
 
 from __future__ import annotations
 
-import shutil
 from pathlib import Path
 from typing import Any
 
 import torch
-import torch.distributed as dist
 
-from common.distributed import all_reduce_values
+from common.distributed import barrier, rank_and_world
 from common.fsdp import apply_fsdp, full_state_dict
+from common.io import replace_path
 from common.run import TrainingRun, build_optimizer, seed_for_rank
 from llmpost.config import ModelConfig
 from llmpost.model import load_model, tiny_qwen3
-
-
-def rank_and_world() -> tuple[int, int]:
-    if dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
 
 
 def start_stage(model: torch.nn.Module, lr: float, weight_decay: float, stage_dir: Path, seed: int,
@@ -36,15 +29,6 @@ def start_stage(model: torch.nn.Module, lr: float, weight_decay: float, stage_di
                       is_main=rank == 0, desc=desc)
     run.resume()
     return run
-
-
-def global_sum(value: float) -> float:
-    """Sum of a float over all ranks (the value itself on one process)."""
-    return float(all_reduce_values(torch.tensor([float(value)], dtype=torch.float64)).item())
-
-
-def any_rank(flag: bool) -> bool:
-    return global_sum(1.0 if flag else 0.0) > 0
 
 
 def build_policy(cfg: ModelConfig, tokenizer: Any, path: str | Path | None, seed: int = 0) -> torch.nn.Module:
@@ -86,9 +70,6 @@ def save_policy(model: torch.nn.Module, tokenizer: Any, out_dir: str | Path) -> 
         tmp = out_dir.with_name(out_dir.name + ".tmp")
         model.save_pretrained(str(tmp), state_dict=state)
         tokenizer.save_pretrained(str(tmp))
-        if out_dir.exists():
-            shutil.rmtree(out_dir)
-        tmp.rename(out_dir)
-    if dist.is_initialized():
-        dist.barrier()
+        replace_path(tmp, out_dir)
+    barrier()
     return out_dir

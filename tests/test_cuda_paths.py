@@ -108,8 +108,7 @@ def test_fsdp_on_one_nccl_rank_matches_plain_model():
         for name, p in plain.state_dict().items():
             torch.testing.assert_close(state[name].float().cpu(), p.float().cpu(), rtol=1e-4, atol=1e-5, msg=name)
         # bookkeeping made on the CPU crosses NCCL (which takes GPU tensors only)
-        from common.distributed import all_reduce_values
-        from llmpost.policy import global_sum
+        from common.distributed import all_reduce_values, global_sum
 
         assert global_sum(2.5) == 2.5
         counts = all_reduce_values(torch.tensor([3, 4]))

@@ -20,7 +20,13 @@ import diffusers
 import torch
 
 from common.config import add_config_args, config_from_args, save_config
-from common.distributed import all_reduce_values, barrier, init_distributed, is_main_process
+from common.distributed import (
+    all_reduce_values,
+    barrier,
+    init_distributed,
+    is_main_process,
+    rank_share,
+)
 from common.errors import ConfigError, DataError
 from common.metrics import progress
 from videodpo.config import BuildPairsConfig
@@ -209,7 +215,7 @@ def build_gt_pairs(cfg: BuildPairsConfig) -> BuildSummary:
     manifest = Path(cfg.manifest)
     rows = read_manifest_rows(manifest, strict=False)[: cfg.limit]
     done = _done_rows(journal_dir)
-    mine = rows[rank::world]
+    mine = rank_share(rows, rank, world)
     pipe, task = load_pipeline(cfg.model, getattr(torch, cfg.dtype), cfg.task)
     if cfg.offload_encoders and dist_info.device.type == "cuda":
         pipe.enable_model_cpu_offload(device=dist_info.device)  # VAE / encoders move in when used

@@ -23,8 +23,15 @@ import torch
 from safetensors.torch import save_file
 
 from common.config import add_config_args, config_from_args, save_config
-from common.distributed import all_reduce_values, barrier, init_distributed, is_main_process
+from common.distributed import (
+    all_reduce_values,
+    barrier,
+    init_distributed,
+    is_main_process,
+    rank_share,
+)
 from common.errors import ConfigError, DataError
+from common.io import atomic_path, write_text_atomic
 from common.metrics import progress
 from videodpo.config import PrecomputeConfig
 from videodpo.data.latent_cache import CACHE_FORMAT, INDEX_FILE, PRODUCER_FILE, model_fingerprint
@@ -84,14 +91,10 @@ def _existing_shards(out_dir: Path) -> list[dict]:
 
 
 def _write_shard(out_dir: Path, name: str, tensors: dict, entries: list[dict]) -> None:
-    tmp = out_dir / f"{name}.safetensors.partial"
-    save_file(tensors, str(tmp))
-    tmp.replace(out_dir / f"{name}.safetensors")
-    sidecar = out_dir / f"{name}.json"
-    sidecar.with_suffix(".json.partial").write_text(
-        json.dumps({"shard": f"{name}.safetensors", "entries": entries})
-    )
-    sidecar.with_suffix(".json.partial").replace(sidecar)  # the shard counts once this exists
+    with atomic_path(out_dir / f"{name}.safetensors") as tmp:
+        save_file(tensors, str(tmp))
+    # The shard counts once its sidecar exists.
+    write_text_atomic(out_dir / f"{name}.json", json.dumps({"shard": f"{name}.safetensors", "entries": entries}))
 
 
 def _claim_producer(out_dir: Path, producer: dict, settings: dict) -> None:
@@ -135,13 +138,14 @@ def precompute(cfg: PrecomputeConfig) -> dict[str, int]:
     manifest = Path(cfg.manifest)
     rows = read_manifest_rows(manifest, strict=False)
     done = {e["row"] for s in _existing_shards(out_dir) for e in s["entries"]}
-    todo = [r for r in rows[rank::world] if r.index not in done]
+    mine = rank_share(rows, rank, world)
+    todo = [r for r in mine if r.index not in done]
     # Encoders on this rank's device; the transformer is only its config (meta device).
     adapter = load_adapter(cfg.model, dtype=getattr(torch, cfg.dtype), transformer_weights=False)
     adapter.place_encoders(dist_info.device, offload=cfg.offload_encoders)
     producer.update(family=adapter.family, task=adapter.task)
     store = getattr(torch, cfg.cache_dtype)
-    counts = torch.tensor([0, len(rows[rank::world]) - len(todo), 0])  # encoded, skipped, failed
+    counts = torch.tensor([0, len(mine) - len(todo), 0])  # encoded, skipped, failed
     tensors: dict[str, torch.Tensor] = {}
     entries: list[dict] = []
     shard_id = len(list(out_dir.glob(f"shard-r{rank}-*.json")))
@@ -186,10 +190,7 @@ def write_index(out_dir: Path, producer: dict, settings: dict) -> Path:
     entries.sort(key=lambda e: e["row"])
     index = {"format": CACHE_FORMAT, "producer": producer, "settings": settings, "entries": entries}
     path = out_dir / INDEX_FILE
-    tmp = path.with_suffix(".json.partial")
-    tmp.write_text(json.dumps(index, indent=1))
-    tmp.replace(path)
-    return path
+    return write_text_atomic(path, json.dumps(index, indent=1))
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

@@ -1,7 +1,16 @@
 import pytest
 import torch
 
-from common.distributed import ParallelDims, build_mesh, init_distributed
+from common.distributed import (
+    ParallelDims,
+    any_rank,
+    build_mesh,
+    global_max,
+    global_sum,
+    init_distributed,
+    rank_and_world,
+    rank_share,
+)
 from tests.multiproc import run_on_ranks
 
 
@@ -28,13 +37,30 @@ def _mesh_worker(rank, world):
     mesh = build_mesh(ParallelDims(pair=2))
     x = torch.tensor([float(rank)])
     torch.distributed.all_reduce(x, group=mesh["pair"].get_group())
-    return info.backend, mesh.mesh_dim_names, mesh["dp_shard"].size(), mesh["pair"].size(), x.item()
+    reductions = (rank_and_world(), global_sum(rank + 0.5), global_max(10.0 * rank),
+                  any_rank(rank == 1), any_rank(False))
+    return info.backend, mesh.mesh_dim_names, mesh["dp_shard"].size(), mesh["pair"].size(), x.item(), reductions
 
 
-def test_build_mesh_on_two_ranks():
-    for backend, names, dp, pair, total in run_on_ranks(_mesh_worker, 2):
+def test_build_mesh_and_reductions_on_two_ranks():
+    results = run_on_ranks(_mesh_worker, 2)
+    for rank, (backend, names, dp, pair, total, reductions) in enumerate(results):
         assert backend == "gloo" and names == ("dp_replicate", "dp_shard", "pair", "cp")
         assert (dp, pair, total) == (1, 2, 1.0)
+        assert reductions == ((rank, 2), 2.0, 10.0, True, False)
+
+
+def test_single_process_reductions_are_the_value():
+    assert rank_and_world() == (0, 1)
+    assert (global_sum(2.5), global_max(-1.0), any_rank(True), any_rank(False)) == (2.5, -1.0, True, False)
+
+
+def test_rank_share_deals_every_item_to_one_rank():
+    items = list(range(7))
+    shares = [rank_share(items, r, 3) for r in range(3)]
+    assert shares == [[0, 3, 6], [1, 4], [2, 5]]
+    with pytest.raises(ValueError, match="outside a world of 3"):
+        rank_share(items, 3, 3)
 
 
 def test_a_gloo_group_keeps_the_process_on_the_cpu(monkeypatch):

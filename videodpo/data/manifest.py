@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from common.errors import DataError
+from common.io import atomic_path
 
 CLIP_FIELDS: tuple[str, ...] = ("video", "caption")
 PAIR_FIELDS: tuple[str, ...] = ("chosen", "rejected", "caption")
@@ -164,19 +165,18 @@ def write_manifest(path: str | Path, rows: list[dict]) -> Path:
             if data.get(key) not in (None, ""):
                 data[key] = _relative(data[key], root)
         out.append(data)
-    tmp = path.with_name(path.name + ".partial")
-    if path.suffix.lower() == ".csv":
-        keys = list(dict.fromkeys(k for row in out for k in row))
-        with tmp.open("w", newline="") as fh:
-            writer = csv.DictWriter(fh, fieldnames=keys)
-            writer.writeheader()
-            for row in out:
-                writer.writerow(
-                    {k: json.dumps(v) if isinstance(v, dict) else v for k, v in row.items()}
-                )
-    else:
-        tmp.write_text("".join(json.dumps(row) + "\n" for row in out))
-    tmp.replace(path)
+    with atomic_path(path) as tmp:
+        if path.suffix.lower() == ".csv":
+            keys = list(dict.fromkeys(k for row in out for k in row))
+            with tmp.open("w", newline="") as fh:
+                writer = csv.DictWriter(fh, fieldnames=keys)
+                writer.writeheader()
+                for row in out:
+                    writer.writerow(
+                        {k: json.dumps(v) if isinstance(v, dict) else v for k, v in row.items()}
+                    )
+        else:
+            tmp.write_text("".join(json.dumps(row) + "\n" for row in out))
     return path
 
 

@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from common.errors import DataError
+from common.io import atomic_path
 
 logger = logging.getLogger(__name__)
 
@@ -344,16 +345,15 @@ def write_video(path: str | Path, clip: torch.Tensor, fps: float = 8.0, crf: int
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     frames = clip_to_frames(clip).numpy()
-    tmp = path.with_name(path.name + ".partial")
-    with av.open(str(tmp), "w", format="mp4") as container:
-        stream = container.add_stream("libx264", rate=Fraction(fps).limit_denominator(1001))
-        stream.width, stream.height = frames.shape[2], frames.shape[1]
-        stream.pix_fmt = "yuv444p"
-        stream.options = {"crf": str(crf)}
-        for frame in frames:
-            for packet in stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")):
+    with atomic_path(path) as tmp:
+        with av.open(str(tmp), "w", format="mp4") as container:
+            stream = container.add_stream("libx264", rate=Fraction(fps).limit_denominator(1001))
+            stream.width, stream.height = frames.shape[2], frames.shape[1]
+            stream.pix_fmt = "yuv444p"
+            stream.options = {"crf": str(crf)}
+            for frame in frames:
+                for packet in stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")):
+                    container.mux(packet)
+            for packet in stream.encode():
                 container.mux(packet)
-        for packet in stream.encode():
-            container.mux(packet)
-    tmp.replace(path)
     return path
