@@ -10,7 +10,7 @@ from typing import Any
 import torch
 
 from common.distributed import barrier, rank_and_world
-from common.fsdp import apply_fsdp, full_state_dict
+from common.fsdp import apply_fsdp, full_state_dict, to_dtype
 from common.io import replace_path
 from common.run import TrainingRun, build_optimizer, seed_for_rank
 from llmpost.config import ModelConfig
@@ -34,8 +34,7 @@ def start_stage(model: torch.nn.Module, lr: float, weight_decay: float, stage_di
 def build_policy(cfg: ModelConfig, tokenizer: Any, path: str | Path | None, seed: int = 0) -> torch.nn.Module:
     """The model at `path`, or a fresh tiny Qwen3 sized for `tokenizer` when `path` is None."""
     if path is not None:
-        dtype = torch.bfloat16 if cfg.dtype in ("bfloat16", "bf16") else torch.float32
-        return load_model(path, dtype)
+        return load_model(path, to_dtype(cfg.dtype))
     t = cfg.tiny
     return tiny_qwen3(
         vocab_size=len(tokenizer), hidden_size=t.hidden_size, num_layers=t.num_layers,

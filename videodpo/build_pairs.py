@@ -28,6 +28,7 @@ from common.distributed import (
     rank_share,
 )
 from common.errors import ConfigError, DataError
+from common.fsdp import to_dtype
 from common.metrics import progress
 from videodpo.config import BuildPairsConfig
 from videodpo.data.manifest import (
@@ -216,7 +217,7 @@ def build_gt_pairs(cfg: BuildPairsConfig) -> BuildSummary:
     rows = read_manifest_rows(manifest, strict=False)[: cfg.limit]
     done = _done_rows(journal_dir)
     mine = rank_share(rows, rank, world)
-    pipe, task = load_pipeline(cfg.model, getattr(torch, cfg.dtype), cfg.task)
+    pipe, task = load_pipeline(cfg.model, to_dtype(cfg.dtype), cfg.task)
     if cfg.offload_encoders and dist_info.device.type == "cuda":
         pipe.enable_model_cpu_offload(device=dist_info.device)  # VAE / encoders move in when used
     else:

@@ -31,6 +31,7 @@ from common.distributed import (
     rank_share,
 )
 from common.errors import ConfigError, DataError
+from common.fsdp import to_dtype
 from common.io import atomic_path, write_text_atomic
 from common.metrics import progress
 from videodpo.config import PrecomputeConfig
@@ -141,10 +142,10 @@ def precompute(cfg: PrecomputeConfig) -> dict[str, int]:
     mine = rank_share(rows, rank, world)
     todo = [r for r in mine if r.index not in done]
     # Encoders on this rank's device; the transformer is only its config (meta device).
-    adapter = load_adapter(cfg.model, dtype=getattr(torch, cfg.dtype), transformer_weights=False)
+    adapter = load_adapter(cfg.model, dtype=to_dtype(cfg.dtype), transformer_weights=False)
     adapter.place_encoders(dist_info.device, offload=cfg.offload_encoders)
     producer.update(family=adapter.family, task=adapter.task)
-    store = getattr(torch, cfg.cache_dtype)
+    store = to_dtype(cfg.cache_dtype)
     counts = torch.tensor([0, len(mine) - len(todo), 0])  # encoded, skipped, failed
     tensors: dict[str, torch.Tensor] = {}
     entries: list[dict] = []

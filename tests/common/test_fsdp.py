@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from common.fsdp import apply_activation_checkpointing, apply_fsdp, full_grads, full_state_dict
+from common.fsdp import apply_activation_checkpointing, apply_fsdp, full_grads, full_state_dict, to_dtype
 from tests.common import tiny
 from tests.multiproc import run_on_ranks
 
@@ -175,3 +175,12 @@ def test_safetensors_rows_equal_the_saved_slices(tmp_path):
     assert torch.equal(weights.rows("w"), tensors["w"]) and torch.equal(weights.rows("i", 5, 7), tensors["i"][5:])
     assert torch.equal(weights.rows("s", 0, 1), tensors["s"]) and weights.rows("empty").shape == (0, 4)
     assert "missing" not in weights
+
+
+def test_to_dtype_reads_long_and_short_names():
+    """The one dtype parser: `bf16` works (torch has no attribute of that name)."""
+    assert to_dtype("bf16") is to_dtype("bfloat16") is torch.bfloat16
+    assert to_dtype("fp16") is torch.float16 and to_dtype("float32") is torch.float32
+    assert to_dtype(None) is None and to_dtype(torch.float64) is torch.float64
+    with pytest.raises(ValueError, match="unknown dtype 'half8'"):
+        to_dtype("half8")
