@@ -14,6 +14,8 @@ from typing import Literal
 from common.regularizer import RegularizerConfig
 from videodpo.losses import LossKind
 
+MAX_BAD_ROW_FRACTION = 0.1  # the default share of corrupt rows a dataset may skip
+
 
 @dataclass
 class ModelConfig:
@@ -33,7 +35,7 @@ class DataConfig:
     num_frames: int = 0  # 0: as stored
     height: int = 0
     width: int = 0
-    max_bad_row_fraction: float = 0.1  # corrupt rows are skipped and counted up to this share
+    max_bad_row_fraction: float = MAX_BAD_ROW_FRACTION  # corrupt rows are skipped and counted up to this share
     num_workers: int = 2  # DataLoader worker processes that decode and resize ahead of the step
     prefetch_factor: int = 2  # rows each worker reads ahead
 

@@ -21,6 +21,7 @@ import torch
 from torch.utils.data import Dataset
 
 from common.errors import DataError
+from videodpo.config import MAX_BAD_ROW_FRACTION
 from videodpo.data.latent_cache import LatentCache
 from videodpo.data.manifest import ManifestRow, read_manifest_rows, resolve_path
 from videodpo.data.video_io import load_clip, load_image
@@ -99,7 +100,7 @@ class PairDataset(_SkippingDataset):
         stride: int = 1,
         fps: float | None = None,
         with_first_frame: bool = False,
-        max_bad_fraction: float = 0.05,
+        max_bad_fraction: float = MAX_BAD_ROW_FRACTION,
         reader: str = "auto",
     ) -> None:
         self.manifest = Path(manifest)
@@ -163,7 +164,7 @@ class CachedPairDataset(_SkippingDataset):
         self,
         cache_dir: str | Path,
         expect_model: str | Path | None = None,
-        max_bad_fraction: float = 0.05,
+        max_bad_fraction: float = MAX_BAD_ROW_FRACTION,
     ) -> None:
         self.cache = LatentCache(cache_dir, expect_model=expect_model)
         self.bad = BadRows(str(self.cache.root), len(self.cache), max_bad_fraction)

@@ -26,6 +26,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from common.errors import UserError
+from videodpo.config import MAX_BAD_ROW_FRACTION
 from videodpo.data.dataset import BadRows, read_row
 
 
@@ -108,7 +109,7 @@ class PairLoader:
         batch_size: int,
         sampler: PairSampler,
         collate: Callable[[list[dict]], Any],
-        max_bad_fraction: float = 0.1,
+        max_bad_fraction: float = MAX_BAD_ROW_FRACTION,
         num_workers: int = 0,
         prefetch_factor: int = 2,
         transform: Callable[[dict], dict] | None = None,
