@@ -74,6 +74,7 @@ from videodpo.data.manifest import write_manifest
 from videodpo.data.motion import motion_fidelity
 from videodpo.data.synthetic import WorldConfig, caption, miscaptioned, render_batch, sample_records
 from videodpo.data.video_io import write_video
+from videodpo.losses import dpo_accuracy_and_margin, preference_gap
 from videodpo.models import load_adapter
 from videodpo.models.tiny import build_pixel_adapter
 from videodpo.trainer import train
@@ -217,10 +218,10 @@ def run_seed(out: Path, demo: DemoConfig) -> dict[str, dict[str, float]]:
         samples[name] = gen
         held_w = sample_errors(adapter_, model, held_clips, held_cond)
         held_l = sample_errors(adapter_, model, held_rejected, held_cond)
-        d = (held_w - ref_w) - (held_l - ref_l)
+        accuracy = dpo_accuracy_and_margin(preference_gap(held_w, held_l, ref_w, ref_l))[0]
         rows[name] = {
             "motion_fidelity": motion_scores(gen, held_recs),
-            "dpo_accuracy": float((d < 0).float().mean()) if name != "base" else float("nan"),
+            "dpo_accuracy": accuracy if name != "base" else float("nan"),
             "chosen_error": float(sample_errors(adapter_, model, pair_clips, pair_cond).mean()),
             "heldout_error": float(held_w.mean()),
         }

@@ -68,16 +68,30 @@ def reg_dpo_sample_losses(
         d = gap_w - gap_l
         dpo = -F.logsigmoid(-(beta / 2) * d)
         loss = loss + dpo_weight * dpo
+        accuracy, margin = dpo_accuracy_and_margin(d)
         metrics.update(
             dpo=dpo.mean().item(),
-            margin=(-d).mean().item(),
-            accuracy=(d < 0).float().mean().item(),
+            margin=margin,
+            accuracy=accuracy,
             gap_chosen=gap_w.mean().item(),
             gap_rejected=gap_l.mean().item(),
             error_rejected=policy_l.float().mean().item(),
         )
     metrics["loss"] = loss.mean().item()
     return loss, metrics
+
+
+def preference_gap(policy_w: torch.Tensor, policy_l: torch.Tensor, ref_w: torch.Tensor,
+                   ref_l: torch.Tensor) -> torch.Tensor:
+    """d = (e_theta(w) - e_ref(w)) - (e_theta(l) - e_ref(l)) per sample: negative where the
+    policy has moved towards the chosen sample more than towards the rejected one."""
+    return (policy_w - ref_w) - (policy_l - ref_l)
+
+
+def dpo_accuracy_and_margin(d: torch.Tensor) -> tuple[float, float]:
+    """(share of samples with d < 0, mean of -d): how often and by how much the policy
+    prefers the chosen sample, relative to the reference."""
+    return (d < 0).float().mean().item(), (-d).mean().item()
 
 
 def loss_weights(kind: str, sft_weight: float) -> tuple[float, float]:

@@ -23,6 +23,7 @@ from videodpo.data.dataset import PairDataset
 from videodpo.data.motion import motion_fidelity
 from videodpo.data.pairs import collate_pairs
 from videodpo.data.video_io import load_image, write_video
+from videodpo.losses import dpo_accuracy_and_margin, preference_gap
 from videodpo.models import VideoModelAdapter
 from videodpo.models.base import Conditions
 
@@ -67,10 +68,10 @@ def pair_metrics(
     pl = sample_errors(adapter, policy, rejected, cond, num_timesteps, seed)
     rw = sample_errors(adapter, reference, chosen, cond, num_timesteps, seed)
     rl = sample_errors(adapter, reference, rejected, cond, num_timesteps, seed)
-    d = (pw - rw) - (pl - rl)
+    accuracy, margin = dpo_accuracy_and_margin(preference_gap(pw, pl, rw, rl))
     return {
-        "dpo_accuracy": (d < 0).float().mean().item(),
-        "margin": (-d).mean().item(),
+        "dpo_accuracy": accuracy,
+        "margin": margin,
         "chosen_error": pw.mean().item(),
         "rejected_error": pl.mean().item(),
     }
@@ -160,8 +161,8 @@ class Validator:
                     ref = state.reference if state.reference is not None else state.policy
                     rw = errors(ref, self.pairs.chosen, self.pairs.cond)
                     rl = errors(ref, self.pairs.rejected, self.pairs.cond)
-                d = (pw - rw) - (pl - rl)
-                metrics.update(dpo_accuracy=(d < 0).float().mean().item(), margin=(-d).mean().item())
+                accuracy, margin = dpo_accuracy_and_margin(preference_gap(pw, pl, rw, rl))
+                metrics.update(dpo_accuracy=accuracy, margin=margin)
             state.policy.train()
         if v.prompts:
             first = None

@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from videodpo.losses import loss_weights, reg_dpo_loss
+from videodpo.losses import dpo_accuracy_and_margin, loss_weights, preference_gap, reg_dpo_loss
 from videodpo.objective import per_sample_error
 
 
@@ -107,3 +107,14 @@ def test_per_sample_error_keeps_fp64_and_lifts_bf16():
     pred, target = torch.randn(2, 3, 4, dtype=torch.float64), torch.randn(2, 3, 4, dtype=torch.float64)
     assert per_sample_error(pred, target).dtype == torch.float64
     assert per_sample_error(pred.bfloat16(), target.bfloat16()).dtype == torch.float32
+
+
+def test_accuracy_and_margin_from_the_preference_gap():
+    pw, pl = torch.tensor([1.0, 2.0, 3.0]), torch.tensor([2.0, 2.0, 1.0])
+    rw, rl = torch.tensor([1.5, 2.0, 2.0]), torch.tensor([1.0, 2.5, 1.0])
+    d = preference_gap(pw, pl, rw, rl)
+    assert d.tolist() == [-1.5, 0.5, 1.0]
+    accuracy, margin = dpo_accuracy_and_margin(d)
+    assert accuracy == pytest.approx(1 / 3) and margin == pytest.approx(0.0)
+    _, metrics = reg_dpo_loss(pw, pl, rw, rl, beta=1.0, sft_weight=0.0)
+    assert (metrics["accuracy"], metrics["margin"]) == (accuracy, margin)
