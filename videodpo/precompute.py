@@ -35,9 +35,10 @@ from common.fsdp import to_dtype
 from common.io import atomic_path, write_text_atomic
 from common.metrics import progress
 from videodpo.config import PrecomputeConfig
+from videodpo.data.dataset import load_pair_clips
 from videodpo.data.latent_cache import CACHE_FORMAT, INDEX_FILE, PRODUCER_FILE, model_fingerprint
-from videodpo.data.manifest import ManifestRow, read_manifest_rows, resolve_path
-from videodpo.data.video_io import load_clip, load_image
+from videodpo.data.manifest import ManifestRow, pair_fields, read_manifest_rows
+from videodpo.data.video_io import load_image
 from videodpo.models import load_adapter
 
 HELP = "encode a pair manifest into a latent cache (VAE latents + conditions)"
@@ -46,35 +47,16 @@ def encode_pair(
     adapter, row: ManifestRow, root: Path, cfg: PrecomputeConfig
 ) -> dict[str, torch.Tensor]:
     """Latents and conditions of one pair row (batch dimension dropped)."""
-    if row.error is not None:
-        raise DataError(row.error)
-    caption = row.data.get("caption")
-    if not isinstance(caption, str) or not caption.strip():
-        raise DataError("field 'caption' is missing or empty")
-    clips = {}
-    for key in ("chosen", "rejected"):
-        value = row.data.get(key)
-        if not isinstance(value, str) or not value:
-            raise DataError(f"field '{key}' is missing")
-        clips[key] = load_clip(
-            resolve_path(root, value), num_frames=cfg.num_frames, height=cfg.height, width=cfg.width
-        )
-    if clips["chosen"].shape != clips["rejected"].shape:
-        raise DataError(
-            f"chosen {tuple(clips['chosen'].shape)} and rejected {tuple(clips['rejected'].shape)} differ"
-        )
-    chosen = clips["chosen"]
+    pair = pair_fields(row, root)
+    chosen, rejected = load_pair_clips(pair, num_frames=cfg.num_frames, height=cfg.height, width=cfg.width)
+    clips = {"chosen": chosen, "rejected": rejected}
     first = None
     if adapter.task == "i2v":
-        image = row.data.get("image")
-        first = (
-            load_image(resolve_path(root, image), chosen.shape[-2], chosen.shape[-1])
-            if image
-            else chosen[:, 0]
-        )
+        first = (load_image(pair.image, chosen.shape[-2], chosen.shape[-1])
+                 if pair.image is not None else chosen[:, 0])
         first = first[None].to(adapter.encoder_device)
     with torch.no_grad(), adapter.encoders_on_device():
-        out = adapter.prepare_conditions([caption], first, chosen.shape[1])
+        out = adapter.prepare_conditions([pair.caption], first, chosen.shape[1])
         for key, clip in clips.items():
             out[key] = adapter.encode_video(clip[None].to(adapter.encoder_device))
     return {k: v[0].cpu().contiguous() for k, v in out.items()}

@@ -23,7 +23,7 @@ from torch.utils.data import Dataset
 from common.errors import DataError
 from videodpo.config import MAX_BAD_ROW_FRACTION
 from videodpo.data.latent_cache import LatentCache
-from videodpo.data.manifest import ManifestRow, read_manifest_rows, resolve_path
+from videodpo.data.manifest import ManifestRow, PairFields, pair_fields, read_manifest_rows
 from videodpo.data.video_io import load_clip, load_image
 
 logger = logging.getLogger(__name__)
@@ -82,6 +82,16 @@ class _SkippingDataset(Dataset):
         raise DataError(f"{self.bad.source}: no good rows left")
 
 
+def load_pair_clips(pair: PairFields, **clip_args) -> tuple[torch.Tensor, torch.Tensor]:
+    """The chosen and rejected clips of a pair, sampled alike (`load_clip`'s arguments);
+    clips of different shapes are a DataError."""
+    chosen = load_clip(pair.chosen, **clip_args)
+    rejected = load_clip(pair.rejected, **clip_args)
+    if chosen.shape != rejected.shape:
+        raise DataError(f"chosen {tuple(chosen.shape)} and rejected {tuple(rejected.shape)} differ in shape")
+    return chosen, rejected
+
+
 class PairDataset(_SkippingDataset):
     """Pairs from a manifest (`chosen`, `rejected`, `caption`, optional `image`).
 
@@ -117,40 +127,21 @@ class PairDataset(_SkippingDataset):
     def row_number(self, index: int) -> int:
         return self.rows[index].index
 
-    def _path(self, row: ManifestRow, key: str) -> Path:
-        value = row.data.get(key)
-        if not isinstance(value, str) or not value:
-            raise DataError(f"field '{key}' is missing")
-        return resolve_path(self.root, value)
-
     def load(self, index: int) -> dict:
         row = self.rows[index]
-        if row.error is not None:
-            raise DataError(row.error)
-        caption = row.data.get("caption")
-        if not isinstance(caption, str) or not caption.strip():
-            raise DataError("field 'caption' is missing or empty")
-        chosen = load_clip(self._path(row, "chosen"), **self.clip_args)
-        rejected = load_clip(self._path(row, "rejected"), **self.clip_args)
-        if chosen.shape != rejected.shape:
-            raise DataError(
-                f"chosen {tuple(chosen.shape)} and rejected {tuple(rejected.shape)} differ in shape"
-            )
+        pair = pair_fields(row, self.root)
+        chosen, rejected = load_pair_clips(pair, **self.clip_args)
         item = {
             "chosen": chosen,
             "rejected": rejected,
-            "caption": caption,
+            "caption": pair.caption,
             "row": row.index,
-            "meta": row.data.get("meta") or {},
+            "meta": pair.meta,
         }
         if self.with_first_frame:
-            item["first_frame"] = self._first_frame(row, chosen)
+            item["first_frame"] = (chosen[:, 0] if pair.image is None
+                                   else load_image(pair.image, chosen.shape[-2], chosen.shape[-1]))
         return item
-
-    def _first_frame(self, row: ManifestRow, chosen: torch.Tensor) -> torch.Tensor:
-        if not row.data.get("image"):
-            return chosen[:, 0]
-        return load_image(self._path(row, "image"), chosen.shape[-2], chosen.shape[-1])
 
 
 class CachedPairDataset(_SkippingDataset):

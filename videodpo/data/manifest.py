@@ -42,15 +42,41 @@ class ManifestRow:
         return resolve_path(root, value)
 
 
+@dataclass(frozen=True)
+class PairFields:
+    """The fields of a pair row that a reader needs, checked, with absolute paths."""
+
+    caption: str
+    chosen: Path
+    rejected: Path
+    image: Path | None  # the I2V conditioning image; None: the chosen clip's first frame
+    meta: dict
+
+
+def pair_fields(row: ManifestRow, root: Path) -> PairFields:
+    """Parse one pair row of a manifest in folder `root`; a DataError names the bad field."""
+    if row.error is not None:
+        raise DataError(row.error)
+    caption = row.data.get("caption")
+    if not isinstance(caption, str) or not caption.strip():
+        raise DataError("field 'caption' is missing or empty")
+    paths = {}
+    for key in ("chosen", "rejected"):
+        value = row.data.get(key)
+        if not isinstance(value, str) or not value:
+            raise DataError(f"field '{key}' is missing")
+        paths[key] = resolve_path(root, value)
+    image = row.data.get("image")
+    if image and not isinstance(image, str):
+        raise DataError(f"field 'image' must be a path, got {type(image).__name__}")
+    return PairFields(caption, paths["chosen"], paths["rejected"],
+                      resolve_path(root, image) if image else None, row.data.get("meta") or {})
+
+
 def resolve_path(root: Path, value: str) -> Path:
     """`value` as stored in a manifest in folder `root`, made absolute and normalised."""
     p = Path(value)
     return Path(os.path.normpath(p if p.is_absolute() else Path(root).absolute() / p))
-
-
-def manifest_kind(rows: list[dict]) -> str:
-    """Kind of manifest: "pair" when the rows have `chosen`, else "clip"."""
-    return "pair" if rows and "chosen" in rows[0] else "clip"
 
 
 def _manifest_text(path: Path) -> str:
