@@ -1,4 +1,4 @@
-"""Training telemetry: metrics.jsonl + tensorboard, progress bars, phase timing, peak memory.
+"""Training telemetry: metrics.jsonl + tensorboard, progress bars, peak memory.
 
 Only rank 0 writes logs and draws progress bars; every rank can measure its own peak
 memory. On CUDA the peak is `max_memory_allocated`; on the CPU it is the process's
@@ -12,9 +12,6 @@ from __future__ import annotations
 import ctypes
 import json
 import math
-import time
-from collections import defaultdict
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -79,36 +76,6 @@ def _plain(value: Any) -> Any:
 def read_metrics(run_dir: str | Path) -> list[dict[str, Any]]:
     path = Path(run_dir) / "metrics.jsonl"
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-
-
-class PhaseTimer:
-    """Wall time per named phase: `with timer("forward"): ...`, then `summary()`."""
-
-    def __init__(self, sync_cuda: bool = True):
-        self.totals: dict[str, float] = defaultdict(float)
-        self.counts: dict[str, int] = defaultdict(int)
-        self.sync_cuda = sync_cuda and torch.cuda.is_available()
-
-    @contextmanager
-    def __call__(self, phase: str):
-        if self.sync_cuda:
-            torch.cuda.synchronize()
-        start = time.perf_counter()
-        try:
-            yield
-        finally:
-            if self.sync_cuda:
-                torch.cuda.synchronize()
-            self.totals[phase] += time.perf_counter() - start
-            self.counts[phase] += 1
-
-    def summary(self, reset: bool = True) -> dict[str, float]:
-        """Seconds per phase, as `time/<phase>`, since the last reset."""
-        out = {f"time/{k}": v for k, v in self.totals.items()}
-        if reset:
-            self.totals.clear()
-            self.counts.clear()
-        return out
 
 
 def _malloc_trim() -> None:

@@ -7,8 +7,8 @@ Only the per-sample errors cross ranks: `gather_pair_errors` all-gathers them wi
 autograd, both ranks compute the same DPO loss, and each rank's backward reaches its
 own sample. With pair size 1 the same calls run both samples in one batch.
 
-Both ranks of a pair, and all cp ranks of each, must draw the same timestep and noise:
-`shared_generator(seed, sample_group(mesh))` broadcasts one seed over them.
+Both ranks of a pair, and all cp ranks of each, must draw the same timestep and noise;
+the trainer seeds its generators per data-parallel rank, which those ranks share.
 
 Gradient convention (shared with `common.context_parallel`): every rank's gradient is
 its share, the share of its sample (pair) and of its tokens (cp). The gradient of the
@@ -30,19 +30,14 @@ import torch.distributed as dist
 from torch.distributed import ProcessGroup
 from torch.distributed.device_mesh import DeviceMesh
 
-from common.distributed import collective_device
-
 __all__ = [
     "PairGroup",
     "data_parallel_size",
     "fsdp_mesh",
     "gather_pair_errors",
     "pair_group",
-    "pick_pair_sample",
     "reduce_gradients",
-    "sample_group",
     "set_fsdp_gradient_reduction",
-    "shared_generator",
 ]
 
 
@@ -69,14 +64,6 @@ def pair_group(mesh: DeviceMesh | None) -> PairGroup:
     return PairGroup(sub.get_group(), 2, sub.get_local_rank())
 
 
-def pick_pair_sample(preferred: torch.Tensor, rejected: torch.Tensor, pair: PairGroup) -> torch.Tensor:
-    """The batch this rank runs: its own sample of each pair, or with pair size 1 both,
-    preferred first (`[preferred; rejected]` along dim 0)."""
-    if pair.size == 1:
-        return torch.cat([preferred, rejected], dim=0)
-    return preferred if pair.is_preferred else rejected
-
-
 class _GatherPair(torch.autograd.Function):
     @staticmethod
     def forward(ctx, errors, group, rank):
@@ -95,7 +82,7 @@ def gather_pair_errors(errors: torch.Tensor, pair: PairGroup) -> tuple[torch.Ten
     """Per-sample errors of this rank -> `(errors_preferred, errors_rejected)`, each (B,).
 
     Pair size 2: `errors` is (B,) for this rank's samples, all-gathered with autograd.
-    Pair size 1: `errors` is (2B,) in `pick_pair_sample`'s order and is split in two.
+    Pair size 1: `errors` is (2B,), `[preferred; rejected]`, and is split in two.
     """
     if pair.size == 1:
         if errors.shape[0] % 2:
@@ -115,14 +102,6 @@ def _flatten(mesh: DeviceMesh, dims: tuple[str, ...]) -> DeviceMesh:
         return mesh[dims]._flatten(name)
 
 
-def sample_group(mesh: DeviceMesh | None) -> ProcessGroup | None:
-    """The ranks that work on one pair (pair x cp): they must share timestep and noise."""
-    if mesh is None:
-        return None
-    flat = _flatten(mesh, ("pair", "cp"))
-    return flat.get_group() if flat.size() > 1 else None
-
-
 def fsdp_mesh(mesh: DeviceMesh) -> DeviceMesh:
     """The 1-D mesh to shard parameters over: dp_shard x pair x cp, flattened."""
     return _flatten(mesh, ("dp_shard", "pair", "cp"))
@@ -132,17 +111,6 @@ def data_parallel_size(mesh: DeviceMesh | None) -> int:
     if mesh is None:
         return 1
     return mesh["dp_replicate"].size() * mesh["dp_shard"].size()
-
-
-def shared_generator(
-    seed: int, group: ProcessGroup | None = None, device: torch.device | str = "cpu"
-) -> torch.Generator:
-    """A generator seeded alike on every rank of `group` (the seed of its first rank)."""
-    if group is not None and dist.get_world_size(group) > 1:
-        value = torch.tensor([seed], dtype=torch.int64, device=collective_device(group))
-        dist.broadcast(value, src=dist.get_global_rank(group, 0), group=group)
-        seed = int(value.item())
-    return torch.Generator(device).manual_seed(seed)
 
 
 @torch.no_grad()

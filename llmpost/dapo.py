@@ -183,11 +183,6 @@ class DynamicSamplingResult:
         return len(self.groups) / max(1, self.generated_groups)
 
 
-def keep_informative(groups: Sequence[SampledGroup]) -> list[SampledGroup]:
-    """Drop groups whose rewards are all equal: their advantages are all zero."""
-    return [g for g in groups if g.informative]
-
-
 def dynamic_sample(
     sample_round: Callable[[int], Sequence[SampledGroup]],
     num_groups: int,

@@ -48,7 +48,3 @@ def load_model(path: str | Path, dtype: torch.dtype = torch.float32) -> PreTrain
     if not (path / "config.json").exists():
         raise FileNotFoundError(f"no model at {path} (expected {path / 'config.json'})")
     return AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype)
-
-
-def count_parameters(model: torch.nn.Module) -> int:
-    return sum(p.numel() for p in model.parameters())

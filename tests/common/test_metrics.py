@@ -2,7 +2,6 @@ import torch
 
 from common.metrics import (
     MetricsLogger,
-    PhaseTimer,
     peak_memory_mb,
     read_metrics,
     reset_peak_memory,
@@ -23,16 +22,6 @@ def test_disabled_logger_writes_nothing(tmp_path):
     log.log(1, {"loss": 1.0})
     log.close()
     assert not (tmp_path / "off").exists()
-
-
-def test_phase_timer_accumulates():
-    timer = PhaseTimer()
-    for _ in range(2):
-        with timer("work"):
-            sum(range(10000))
-    summary = timer.summary()
-    assert set(summary) == {"time/work"} and summary["time/work"] > 0
-    assert timer.summary() == {}
 
 
 def test_peak_memory_sees_a_large_allocation():

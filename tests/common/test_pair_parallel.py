@@ -20,11 +20,8 @@ from common.pair_parallel import (
     fsdp_mesh,
     gather_pair_errors,
     pair_group,
-    pick_pair_sample,
     reduce_gradients,
-    sample_group,
     set_fsdp_gradient_reduction,
-    shared_generator,
 )
 from tests.multiproc import run_on_ranks
 from videodpo.models.cp_plans import WAN_CP_PLAN
@@ -66,6 +63,13 @@ def _full(t):
     return t.full_tensor() if hasattr(t, "full_tensor") else t
 
 
+def _this_ranks_batch(preferred, rejected, pair):
+    """Pair size 2: this rank's own sample of each pair; size 1: both, preferred first."""
+    if pair.size == 1:
+        return torch.cat([preferred, rejected])
+    return preferred if pair.is_preferred else rejected
+
+
 def _reg_dpo_step(rank, world_size, pair_size=1, cp=1, fsdp=False, frames=2, size=8):
     """One Reg-DPO step; returns loss, gradients, parameters after SGD, saved bytes."""
     mesh = build_mesh(ParallelDims(pair=pair_size, cp=cp)) if world_size > 1 else None
@@ -86,13 +90,13 @@ def _reg_dpo_step(rank, world_size, pair_size=1, cp=1, fsdp=False, frames=2, siz
     preferred = torch.randn(batch, 4, frames, size, size, generator=g)
     rejected = torch.randn(batch, 4, frames, size, size, generator=g)
     text = torch.randn(batch, 4, 16, generator=g)
-    # a different seed on every rank: the pair (and cp) group must agree on rank 0's
-    shared = shared_generator(100 + rank, sample_group(mesh))
+    # one seed per data-parallel rank (here all ranks share one), as the trainer seeds
+    shared = torch.Generator().manual_seed(100)
     t = torch.rand(batch, generator=shared)
     noise = torch.randn(preferred.shape, generator=shared)
 
-    x0 = pick_pair_sample(preferred, rejected, pair)
-    noise, t_local, text_local = (pick_pair_sample(a, a, pair) for a in (noise, t, text))
+    x0 = _this_ranks_batch(preferred, rejected, pair)
+    noise, t_local, text_local = (_this_ranks_batch(a, a, pair) for a in (noise, t, text))
     tt = t_local.view(-1, 1, 1, 1, 1)
     x_t, target = (1 - tt) * x0 + tt * noise, noise - x0
 
@@ -189,7 +193,7 @@ def test_pair2_cp2_fsdp_four_ranks_equals_one_process(one_process):
 def test_pair_size_one_splits_a_batch():
     pair = pair_group(None)
     w, r = torch.tensor([1.0, 2.0]), torch.tensor([3.0, 4.0])
-    both = pick_pair_sample(w, r, pair)
+    both = _this_ranks_batch(w, r, pair)
     assert torch.equal(both, torch.tensor([1.0, 2.0, 3.0, 4.0]))
     ew, el = gather_pair_errors(both, pair)
     assert torch.equal(ew, w) and torch.equal(el, r)

@@ -10,7 +10,6 @@ from llmpost.dapo import (
     clipped_tokens,
     dynamic_sample,
     group_advantages,
-    keep_informative,
     overlong_penalty,
     policy_loss,
 )
@@ -89,9 +88,9 @@ def _groups(reward_lists):
     return [SampledGroup(list(r), data=i) for i, r in enumerate(reward_lists)]
 
 
-def test_keep_informative_drops_all_equal_groups():
+def test_groups_with_all_equal_rewards_are_not_informative():
     groups = _groups([[1, 1, 1], [0, 1, 0], [0, 0, 0], [0.5, 0.2, 0.5]])
-    assert [g.data for g in keep_informative(groups)] == [1, 3]
+    assert [g.data for g in groups if g.informative] == [1, 3]
 
 
 def test_dynamic_sampling_fills_the_batch():

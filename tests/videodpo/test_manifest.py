@@ -9,7 +9,6 @@ import pytest
 from common.errors import DataError
 from videodpo.data.manifest import (
     append_manifest_row,
-    manifest_kind,
     read_manifest,
     read_manifest_rows,
     write_manifest,
@@ -38,7 +37,6 @@ def test_jsonl_round_trip_with_relative_paths(tmp_path):
     assert back["chosen"] == str((tmp_path / "sets" / "real" / "a.mp4").resolve())
     assert back["rejected"] == str((tmp_path / "sets" / "gen" / "a.mp4").resolve())
     assert back["meta"] == rows[0]["meta"]
-    assert manifest_kind([back]) == "pair"
 
 
 def test_csv_reads_like_jsonl(tmp_path):
@@ -50,7 +48,6 @@ def test_csv_reads_like_jsonl(tmp_path):
     write_manifest(tmp_path / "m.jsonl", rows)
     assert read_manifest(tmp_path / "m.csv") == read_manifest(tmp_path / "m.jsonl")
     assert read_manifest(tmp_path / "m.csv")[1]["num_frames"] == 17
-    assert manifest_kind(rows) == "clip"
 
 
 def test_append_and_bad_lines(tmp_path):

@@ -215,11 +215,6 @@ def write_dataset(out_dir: str | Path, world: WorldConfig, num_clips: int, seed:
     return write_manifest(out_dir / "manifest.jsonl", rows)
 
 
-def records_from_manifest(rows: list[dict]) -> list[ClipRecord]:
-    """The synthetic records stored under "world" in manifest rows."""
-    return [ClipRecord.from_dict(row["world"]) for row in rows]
-
-
 def miscaptioned(records: list[ClipRecord], wrong_share: float, seed: int) -> list[str]:
     """Captions of `records` where a `wrong_share` of them (drawn by `seed`) name another
     direction than the one the clip moves in: the noisy captions of a scraped dataset.
