@@ -1,6 +1,6 @@
 """Project a target gradient onto a feasible set spanned by general-data gradients.
 
-This is the math of the data-regularization projector (DESIGN.md section 4): given the
+This is the math of the data-regularization projector (docs/design.md section 5): given the
 target gradient g_T and general per-sample gradients g_1..g_n, every feasible set is
 solved from the Gram matrix K of [g_T, g_1..g_n] alone, and the answer is a combination
 d = b * g_T + sum_i a_i * g_i. `solve_coefficients(gram, feasible)` returns (b, a) and is

@@ -2,7 +2,7 @@
 
 Each step, the gradient the scarce target batch asks for (g_T, of the mean target loss)
 is replaced, group by group, by its projection onto a feasible set built from the
-per-sample gradients g_1..g_n of a general batch (DESIGN.md section 4, solved by
+per-sample gradients g_1..g_n of a general batch (docs/design.md section 5, solved by
 `common.projector`). The update b * g_T + sum_i a_i g_i is written into `.grad`; an
 optimizer step follows as usual. Usage (the whole API):
 

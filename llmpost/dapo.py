@@ -1,5 +1,5 @@
 """DAPO's pieces as plain functions: group advantages, the clipped token loss, overlong
-shaping and dynamic sampling (DESIGN.md section 5).
+shaping and dynamic sampling (docs/design.md section 6).
 
 The training loop that uses them is `llmpost.dapo_trainer`; nothing here knows about
 models, ranks or tokenizers, so each piece is tested on its own against hand-computed

@@ -2,7 +2,7 @@
 sampling weights that cover every SNS task with the weak ones up-weighted.
 
 Covering every task matters: a prototype that fine-tuned on the two weak tasks alone
-collapsed the other SNS tasks (DESIGN.md section 6).
+collapsed the other SNS tasks (docs/design.md section 7).
 """
 
 from __future__ import annotations

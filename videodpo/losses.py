@@ -1,4 +1,4 @@
-"""The SFT / DPO / Reg-DPO losses of DESIGN.md section 2, on per-sample errors.
+"""The SFT / DPO / Reg-DPO losses of docs/design.md section 2, on per-sample errors.
 
 The errors e come from `videodpo.objective` (noising rule, target, and
 e = mean over latent elements of (prediction - target)^2); the preference loss is

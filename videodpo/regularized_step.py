@@ -11,7 +11,7 @@ e(model, x) of the run's objective (flow matching or epsilon / v prediction).
 - `mode: projector`: the target is the per-pair Reg-DPO loss (`videodpo.losses.reg_dpo_sample_losses`
   per pair, the reference forward in no-grad inside the loss function); the general
   clips give per-clip SFT errors; the target gradient is projected per parameter group
-  onto their feasible set (DESIGN.md section 4).
+  onto their feasible set (docs/design.md section 5).
 
 Timesteps and noise are drawn before the loss function runs and travel in the batch, so
 the regularizer's passes see the same ones. Pair timesteps come from the run's generator

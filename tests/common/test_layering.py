@@ -1,6 +1,6 @@
 """`common/` is the shared core: it imports nothing from the tracks (`videodpo`,
 `llmpost`) and names none of their model classes; model families declare their plans
-beside their adapters (DESIGN.md section 1)."""
+beside their adapters (docs/design.md section 1)."""
 
 from __future__ import annotations
 

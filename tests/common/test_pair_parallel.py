@@ -3,7 +3,7 @@ FSDP2 and activation checkpointing, 4 ranks) equals pair=1 on one process in los
 gradients and parameters after one SGD step;
 pair=2 and cp=2 each keep at most 0.6 of the one-process activation bytes per rank.
 
-The loss is written here from DESIGN.md section 2 (common never imports the tracks):
+The loss is written here from docs/design.md section 2 (common never imports the tracks):
 d = (e_pol(w) - e_ref(w)) - (e_pol(l) - e_ref(l)), L = -logsigmoid(-(beta/2) d) + lam e_pol(w).
 """
 

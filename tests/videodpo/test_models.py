@@ -24,7 +24,7 @@ def _cfg(kind: str, lr: float = 1e-3) -> RunConfig:
 
 
 def _hand_step(adapter, model, reference, batch, cfg, gen_state):
-    """The loss of DESIGN.md section 2 written out, and its gradient on `model`."""
+    """The loss of docs/design.md section 2 written out, and its gradient on `model`."""
     g = torch.Generator()
     g.set_state(gen_state)
     obj = adapter.objective
