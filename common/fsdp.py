@@ -24,14 +24,19 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 from torch import nn
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.fsdp import (
     CPUOffloadPolicy,
+    FSDPModule,
     MixedPrecisionPolicy,
     OffloadPolicy,
     fully_shard,
 )
+from torch.distributed.tensor import DTensor, Shard
 from torch.utils.checkpoint import checkpoint
+
+from common.errors import ConfigError
 
 logger = logging.getLogger(__name__)
 
@@ -152,8 +157,6 @@ class SafetensorsWeights:
               "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2}
 
     def __init__(self, folder: str | Path) -> None:
-        from common.errors import ConfigError
-
         self.folder = Path(folder)
         indexes = sorted(self.folder.glob("*.safetensors.index.json"))
         if indexes:
@@ -209,8 +212,6 @@ class StateDictWeights:
 
 def _local_rows(tensor: torch.Tensor) -> tuple[torch.Tensor, int | None, int | None]:
     """(this rank's local tensor, first row, end row) of a parameter; rows None = all."""
-    from torch.distributed.tensor import DTensor, Shard
-
     if not isinstance(tensor, DTensor):
         return tensor, None, None
     local = tensor.to_local()
@@ -274,8 +275,6 @@ def drop_unsynced_gradients(model: nn.Module) -> None:
     FSDP2 has no public call for this; it reads the per-parameter state that
     `torch.distributed.fsdp` keeps for gradient accumulation.
     """
-    from torch.distributed.fsdp import FSDPModule
-
     for module in model.modules():
         if not isinstance(module, FSDPModule):
             continue
@@ -287,14 +286,17 @@ def drop_unsynced_gradients(model: nn.Module) -> None:
                     unsharded.grad = None
 
 
-def full_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
-    """Unsharded parameters and buffers on the CPU (every rank takes part; all get them)."""
-    out = {}
-    for name, tensor in model.state_dict().items():
-        if hasattr(tensor, "full_tensor"):
-            tensor = tensor.full_tensor()
-        out[name] = tensor.detach().cpu().clone()
-    return out
+def full_state_dict(model: nn.Module, rank0_only: bool = False) -> dict[str, torch.Tensor]:
+    """Unsharded parameters and buffers on the CPU (a collective: every rank takes part).
+
+    `rank0_only`: only rank 0 gets them (the others get `{}`), gathered one tensor at a time
+    straight to its CPU memory; for writers such as an export. Otherwise every rank gets
+    its own CPU copy (what comparisons across ranks need)."""
+    options = StateDictOptions(full_state_dict=True, cpu_offload=rank0_only)
+    state = get_model_state_dict(model, options=options)
+    if rank0_only:
+        return state
+    return {name: tensor.detach().cpu().clone() for name, tensor in state.items()}
 
 
 def full_grads(model: nn.Module) -> dict[str, torch.Tensor]:

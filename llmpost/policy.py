@@ -63,7 +63,7 @@ def shard_policy(model: torch.nn.Module, cfg: ModelConfig) -> torch.nn.Module:
 def save_policy(model: torch.nn.Module, tokenizer: Any, out_dir: str | Path) -> Path:
     """Unsharded `save_pretrained` (safetensors) + tokenizer; rank 0 writes, all take part."""
     out_dir = Path(out_dir)
-    state = full_state_dict(model)
+    state = full_state_dict(model, rank0_only=True)
     rank, _ = rank_and_world()
     if rank == 0:
         tmp = out_dir.with_name(out_dir.name + ".tmp")

@@ -23,7 +23,7 @@ def export_model(state: TrainingState, out_dir: Path) -> Path:
     two-expert model's LoRAs go one folder per trained expert (`high_noise/`,
     `low_noise/`), each loadable with `pipe.load_lora_weights` (the low-noise one with
     `load_into_transformer_2=True`); its full export holds both transformers."""
-    full = full_state_dict(state.policy) if state.layout.world_size > 1 else None
+    full = full_state_dict(state.policy, rank0_only=True) if state.layout.world_size > 1 else None
     if not state.layout.is_main:
         return out_dir
     if state.lora:
