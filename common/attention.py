@@ -70,14 +70,14 @@ def attention(
     k = repeat_kv(k, q.shape[1])
     v = repeat_kv(v, q.shape[1])
     if backend == "flash":
-        from flash_attn import flash_attn_func
+        from flash_attn import flash_attn_func  # lazy: optional GPU extra
 
         out = flash_attn_func(
             q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), softmax_scale=scale, causal=causal
         )
         return out.transpose(1, 2)
     if backend == "xformers":
-        import xformers.ops as xops
+        import xformers.ops as xops  # lazy: optional GPU extra
 
         bias = xops.LowerTriangularMask() if causal else None
         out = xops.memory_efficient_attention(
@@ -167,7 +167,7 @@ def lse_forward(
     if kernel == "cpu_flash":
         return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, 0.0, causal, scale=scale)
     if kernel == "flash_attn":
-        from flash_attn.flash_attn_interface import _flash_attn_forward
+        from flash_attn.flash_attn_interface import _flash_attn_forward  # lazy: optional GPU extra
 
         out, lse, _, _ = _flash_attn_forward(
             q.transpose(1, 2).contiguous(), k.transpose(1, 2).contiguous(), v.transpose(1, 2).contiguous(),
@@ -194,7 +194,7 @@ def _kernel_backward(dout, q, k, v, out, lse, causal, scale, kernel):
             dout, q, k, v, out, lse, 0.0, causal, scale=scale
         )
     if kernel == "flash_attn":
-        from flash_attn.flash_attn_interface import _flash_attn_backward
+        from flash_attn.flash_attn_interface import _flash_attn_backward  # lazy: optional GPU extra
 
         qt, kt, vt, ot, dot = (t.transpose(1, 2).contiguous() for t in (q, k, v, out, dout))
         dq, dk, dv = torch.empty_like(qt), torch.empty_like(kt), torch.empty_like(vt)

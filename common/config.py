@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import logging
 import types
 import typing
 from collections.abc import Sequence
@@ -305,8 +306,6 @@ def check_resume_config(cfg: Any, run_dir: str | Path, keys: Sequence[str], forc
     """Stop a resume whose config differs from the run's saved one in `keys` (the settings
     that change what the checkpoint means), unless `force`: then the differences are
     logged. Call it before writing the new config.yaml."""
-    import logging
-
     path = Path(run_dir) / CONFIG_FILENAME
     diff = resume_mismatch(cfg, path, keys)
     if not diff:

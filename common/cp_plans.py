@@ -26,6 +26,7 @@ from typing import Any
 
 import torch
 from torch import nn
+from transformers import AttentionInterface
 
 from common.context_parallel import LAYOUTS, CPGroups, gather_sequence, split_sequence
 
@@ -229,8 +230,6 @@ def apply_context_parallel(model: nn.Module, groups: CPGroups, plan: ContextPara
 def _apply_attention_function(
     model: nn.Module, plan: ContextParallelPlan, state: CPState, handle: CPHandle
 ) -> None:
-    from transformers import AttentionInterface
-
     AttentionInterface.register(CP_ATTENTION_NAME, plan.attention_function)
     selects = plan.is_attention_module or (lambda module: False)
     for module in model.modules():

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from torch.utils.tensorboard import SummaryWriter
 from tqdm.auto import tqdm
 
 from common.distributed import is_main_process
@@ -35,8 +36,6 @@ class MetricsLogger:
         self._file = open(self.run_dir / "metrics.jsonl", "a")  # noqa: SIM115 - closed in close()
         if tensorboard:
             try:
-                from torch.utils.tensorboard import SummaryWriter
-
                 self._tb = SummaryWriter(str(self.run_dir / "tensorboard"))
             except ImportError:  # tensorboard is a dependency, but logging must not kill a run
                 self._tb = None

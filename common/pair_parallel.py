@@ -29,6 +29,7 @@ import torch
 import torch.distributed as dist
 from torch.distributed import ProcessGroup
 from torch.distributed.device_mesh import DeviceMesh
+from torch.distributed.fsdp import FSDPModule
 
 __all__ = [
     "PairGroup",
@@ -131,8 +132,6 @@ def reduce_gradients(parameters: Iterable[torch.nn.Parameter], mesh: DeviceMesh 
 def set_fsdp_gradient_reduction(model: torch.nn.Module, mesh: DeviceMesh) -> None:
     """For a model sharded with FSDP2 over `fsdp_mesh(mesh)`: sum gradients over pair and
     cp, average over data parallelism (instead of FSDP's mean over the whole mesh)."""
-    from torch.distributed.fsdp import FSDPModule
-
     factor = float(data_parallel_size(mesh))
     for module in model.modules():
         if isinstance(module, FSDPModule):
