@@ -34,11 +34,13 @@ table says; `subset` ties keep the lower index). Non-finite input raises ValueEr
 from __future__ import annotations
 
 import math
+from typing import Literal, get_args
 
 import numpy as np
 import torch
 
-FEASIBLE_SETS = ("none", "mean", "subset", "hull", "cone", "span", "halfspace", "filter")
+Feasible = Literal["none", "mean", "subset", "hull", "cone", "span", "halfspace", "filter"]
+FEASIBLE_SETS: tuple[str, ...] = get_args(Feasible)
 
 
 def subset_size(n: int, fraction: float) -> int:

@@ -63,7 +63,7 @@ import warnings
 import zlib
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal, get_args
 
 import numpy as np
 import torch
@@ -74,21 +74,25 @@ from torch.distributed.tensor import DTensor, Shard
 from torch.utils._pytree import tree_map
 
 from common.errors import ConfigError
-from common.projector import FEASIBLE_SETS, solve_coefficients
+from common.fsdp import find_blocks
+from common.projector import FEASIBLE_SETS, Feasible, solve_coefficients
 
-GRANULARITIES = ("model", "block", "layer")
-PATHS = ("materialized", "ghost", "sketch")
+Granularity = Literal["model", "block", "layer"]
+GradientPath = Literal["materialized", "ghost", "sketch"]
+GhostPairs = Literal["auto", "ghost"]
+GRANULARITIES: tuple[str, ...] = get_args(Granularity)
+PATHS: tuple[str, ...] = get_args(GradientPath)
 LossFn = Callable[[nn.Module, Any], torch.Tensor]
 
 
 @dataclass
 class RegularizerConfig:
-    feasible: str = "subset"  # one of common.projector.FEASIBLE_SETS
-    granularity: str = "layer"  # model | block | layer
+    feasible: Feasible = "subset"
+    granularity: Granularity = "layer"
     fraction: float = 0.5  # share of general samples kept by `subset`
     n_general: int = 8  # general samples per step (size of the general batch)
-    path: str = "ghost"  # materialized | ghost | sketch
-    ghost_pairs: str = "auto"  # auto | ghost: may a Linear's per-sample gradients be formed
+    path: GradientPath = "ghost"
+    ghost_pairs: GhostPairs = "auto"  # may a Linear's per-sample gradients be formed
     max_layer_numel: int = 1 << 27  # cap on one layer's n per-sample gradients under "auto"
     ghost_chunk: int = 4096  # token rows per block of the T x T ghost products
     sketch_dim: int = 256  # k of each sketch factor
@@ -102,7 +106,7 @@ class RegularizerConfig:
             "feasible": FEASIBLE_SETS,
             "granularity": GRANULARITIES,
             "path": PATHS,
-            "ghost_pairs": ("auto", "ghost"),
+            "ghost_pairs": get_args(GhostPairs),
         }
         for key, allowed in choices.items():
             if getattr(self, key) not in allowed:
@@ -650,8 +654,6 @@ def _build_groups(model: nn.Module, modules: dict[str, nn.Module], granularity: 
         return [_Group("model", list(modules))]
     if granularity == "layer":
         return [_Group(name or "root", [name]) for name in modules]
-    from common.fsdp import find_blocks
-
     block_ids = {id(b) for b in find_blocks(model)}
     block_names = [name for name, m in model.named_modules() if id(m) in block_ids]
     groups: dict[str, _Group] = {}
