@@ -55,23 +55,26 @@ def to_dtype(name: str | torch.dtype | None) -> torch.dtype | None:
 def find_blocks(model: nn.Module, block_types: tuple[type, ...] | None = None) -> list[nn.Module]:
     """The repeated transformer blocks of `model`.
 
-    With `block_types`, every module of those types; otherwise the children of the
-    `nn.ModuleList` of identical modules that holds the most parameters.
+    With `block_types`, every module of those types. Otherwise the modules whose class
+    the model names in `_no_split_modules` (diffusers and transformers models declare it;
+    a wrapper such as peft's or `TimestepExperts` finds it on what it wraps), kept where
+    they sit in an `nn.ModuleList`: a declared non-repeated piece (CogVideoX names its
+    patch embedding too) is not a block.
     """
     if block_types:
         return [m for m in model.modules() if isinstance(m, block_types)]
-    best: list[nn.Module] = []
-    best_size = 0
-    for module in model.modules():
-        if not isinstance(module, nn.ModuleList) or len(module) == 0:
-            continue
-        children = list(module)
-        if len({type(c) for c in children}) != 1:
-            continue
-        size = sum(p.numel() for p in module.parameters())
-        if size > best_size:
-            best, best_size = children, size
-    return best
+    names = {n for m in model.modules() for n in (getattr(m, "_no_split_modules", None) or [])}
+    if not names:
+        raise ValueError(
+            f"{type(model).__name__} declares no `_no_split_modules` (the class names of its "
+            "transformer blocks); declare it on the model or pass block_types")
+    blocks = [child for m in model.modules() if isinstance(m, nn.ModuleList)
+              for child in m if type(child).__name__ in names]
+    if not blocks:
+        raise ValueError(
+            f"{type(model).__name__}: no module of the classes in `_no_split_modules` "
+            f"({', '.join(sorted(names))}) sits in an nn.ModuleList")
+    return blocks
 
 
 def apply_activation_checkpointing(

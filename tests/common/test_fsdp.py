@@ -3,7 +3,14 @@
 import pytest
 import torch
 
-from common.fsdp import apply_activation_checkpointing, apply_fsdp, full_grads, full_state_dict, to_dtype
+from common.fsdp import (
+    apply_activation_checkpointing,
+    apply_fsdp,
+    find_blocks,
+    full_grads,
+    full_state_dict,
+    to_dtype,
+)
 from tests.common import tiny
 from tests.multiproc import run_on_ranks
 
@@ -43,14 +50,20 @@ def train(kind: str, rank: int, world: int, ac_every: int = 0):
     return losses, grads, full_state_dict(model)
 
 
-def _fsdp_worker(rank, world, kind):
-    return train(kind, rank, world)
+def _fsdp_worker(rank, world, kinds):
+    return {kind: train(kind, rank, world) for kind in kinds}
+
+
+@pytest.fixture(scope="module")
+def two_rank_runs():
+    """Both models on two ranks in one spawn (starting the processes is the slow part)."""
+    return run_on_ranks(_fsdp_worker, 2, ("wan", "qwen3"))
 
 
 @pytest.mark.parametrize("kind", ["wan", "qwen3"])
-def test_fsdp_two_ranks_equals_one_process(kind):
+def test_fsdp_two_ranks_equals_one_process(kind, two_rank_runs):
     ref_losses, ref_grads, ref_params = train(kind, 0, 1)
-    results = run_on_ranks(_fsdp_worker, 2, kind)
+    results = [runs[kind] for runs in two_rank_runs]
     for losses, grads, params in results:
         for a, b in zip(losses, ref_losses):
             assert abs(a - b) <= 1e-5 * abs(b)
@@ -184,3 +197,18 @@ def test_to_dtype_reads_long_and_short_names():
     assert to_dtype(None) is None and to_dtype(torch.float64) is torch.float64
     with pytest.raises(ValueError, match="unknown dtype 'half8'"):
         to_dtype("half8")
+
+
+def test_blocks_are_the_declared_no_split_modules():
+    qwen, wan = tiny.tiny_qwen3(), tiny.tiny_wan()
+    assert find_blocks(qwen) == list(qwen.model.layers)
+    assert find_blocks(wan) == list(wan.blocks)
+
+    class Undeclared(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.layers = torch.nn.ModuleList(torch.nn.Linear(2, 2) for _ in range(3))
+
+    with pytest.raises(ValueError, match="Undeclared declares no `_no_split_modules`"):
+        find_blocks(Undeclared())
+    assert len(find_blocks(Undeclared(), block_types=(torch.nn.Linear,))) == 3
