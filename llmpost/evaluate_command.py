@@ -8,12 +8,12 @@ import json
 from pathlib import Path
 
 from common.config import add_config_args, config_from_args
+from common.distributed import rank_and_world
 from common.errors import ConfigError
 from llmpost.config import PipelineConfig
 from llmpost.diagnose import capability_map, write_capability_map
 from llmpost.evaluate import format_scores
 from llmpost.pipeline import evaluate_model, latest_model_dir, load_eval_set, rewards_registry
-from llmpost.policy import rank_and_world
 from llmpost.tokenizer import load_tokenizer
 
 HELP = "per-task scores, SNS and general averages, and the capability map of a model"
