@@ -59,7 +59,7 @@ def find_blocks(model: nn.Module, block_types: tuple[type, ...] | None = None) -
     the model names in `_no_split_modules` (diffusers and transformers models declare it;
     a wrapper such as peft's or `TimestepExperts` finds it on what it wraps), kept where
     they sit in an `nn.ModuleList`: a declared non-repeated piece (CogVideoX names its
-    patch embedding too) is not a block.
+    patch embedding too) is not a block. Base classes count (FSDP2 subclasses each block).
     """
     if block_types:
         return [m for m in model.modules() if isinstance(m, block_types)]
@@ -69,7 +69,7 @@ def find_blocks(model: nn.Module, block_types: tuple[type, ...] | None = None) -
             f"{type(model).__name__} declares no `_no_split_modules` (the class names of its "
             "transformer blocks); declare it on the model or pass block_types")
     blocks = [child for m in model.modules() if isinstance(m, nn.ModuleList)
-              for child in m if type(child).__name__ in names]
+              for child in m if any(c.__name__ in names for c in type(child).__mro__)]
     if not blocks:
         raise ValueError(
             f"{type(model).__name__}: no module of the classes in `_no_split_modules` "
