@@ -21,7 +21,7 @@ import torch
 import torch.distributed as dist
 
 from common.config import check_config
-from common.distributed import all_reduce_values, any_rank, global_sum, rank_and_world
+from common.distributed import any_rank, global_max, global_sum, rank_and_world
 from common.errors import ConfigError
 from llmpost.config import DapoConfig
 from llmpost.dapo import (
@@ -110,7 +110,7 @@ def dapo_update(
             optimizer.zero_grad(set_to_none=True)
             micro = cfg.micro_batch_size or max(1, len(mb))
             chunks = [mb_index[i : i + micro] for i in range(0, len(mb_index), micro)] or [[]]
-            n_chunks = _max_over_ranks(len(chunks))
+            n_chunks = int(global_max(len(chunks)))
             chunks += [[]] * (n_chunks - len(chunks))
             mb_loss = 0.0
             for chunk in chunks:
@@ -153,10 +153,6 @@ def dapo_update(
             optimizer.step()
             losses.append(mb_loss)
     return {"loss": sum(losses) / max(1, len(losses)), "clip_frac": clip_frac, "entropy": entropy}
-
-
-def _max_over_ranks(value: int) -> int:
-    return int(all_reduce_values(torch.tensor([value]), op=dist.ReduceOp.MAX).item())
 
 
 def score_responses(
@@ -331,14 +327,9 @@ def _mismatch_metrics(seen: list[SampledGroup]) -> dict[str, float]:
     tokens = global_sum(gap["tokens"])
     return {
         "logprob_gap_mean": global_sum(gap["mean_abs"] * gap["tokens"]) / max(tokens, 1.0),
-        "logprob_gap_max": _max_float_over_ranks(gap["max_abs"]),
+        "logprob_gap_max": global_max(gap["max_abs"]),
         "logprob_kl_k3": global_sum(gap["kl_k3"] * gap["tokens"]) / max(tokens, 1.0),
     }
-
-
-def _max_float_over_ranks(value: float) -> float:
-    return float(all_reduce_values(torch.tensor([value], dtype=torch.float64),
-                                   op=dist.ReduceOp.MAX).item())
 
 
 def _step_metrics(seen: list[SampledGroup], kept: list[SampledGroup], batch: PolicyBatch,
