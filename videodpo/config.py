@@ -103,9 +103,10 @@ class ParallelConfig:
 
 
 @dataclass
-class ClipSettings:
-    """What to generate: prompts (and first frames, I2V), clip size, sampler steps, CFG."""
-
+class ValidationConfig:
+    LIMITS = {"every": ">=0", "num_frames": ">=1", "height": ">=1", "width": ">=1",
+              "num_steps": ">=1", "max_pairs": ">=0"}
+    every: int = 0  # steps between validations; 0: off
     prompts: list[str] = field(default_factory=list)
     first_frames: list[str] = field(default_factory=list)  # images or clips, I2V
     num_frames: int = 8
@@ -114,21 +115,22 @@ class ClipSettings:
     num_steps: int = 20
     guidance_scale: float = 1.0
     seed: int = 0
-
-
-@dataclass
-class ValidationConfig(ClipSettings):
-    LIMITS = {"every": ">=0", "num_frames": ">=1", "height": ">=1", "width": ">=1",
-              "num_steps": ">=1", "max_pairs": ">=0"}
-    every: int = 0  # steps between validations; 0: off
     manifest: str = ""  # held-out pairs: DPO accuracy, margin, SFT error
     max_pairs: int = 32
 
 
 @dataclass
-class SampleConfig(ClipSettings):
+class SampleConfig:
     LIMITS = {"num_frames": ">=1", "height": ">=1", "width": ">=1", "num_steps": ">=1"}
     checkpoint: str = ""  # model dir, LoRA dir or training checkpoint; "" = out_dir/final
+    prompts: list[str] = field(default_factory=list)
+    first_frames: list[str] = field(default_factory=list)
+    num_frames: int = 8
+    height: int = 16
+    width: int = 16
+    num_steps: int = 20
+    guidance_scale: float = 1.0
+    seed: int = 0
     out_dir: str = ""  # "" = out_dir/samples
 
 
