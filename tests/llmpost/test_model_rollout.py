@@ -103,3 +103,13 @@ def test_cut_at_stop_finds_the_shortest_prefix_holding_a_stop(word_tokenizer):
                      if any(s in word_tokenizer.decode(tokens[:k], skip_special_tokens=True) for s in stops)), None)
         cut, stopped = _cut_at_stop(tokens, word_tokenizer, stops)
         assert stopped == (scan is not None) and cut == (scan if scan is not None else tokens)
+
+
+def test_generate_stop_strings_fail_on_a_word_level_vocabulary(word_tokenizer):
+    """Why `_cut_at_stop` is kept: transformers' `StopStringCriteria` tokenizes a probe
+    string to clean the vocabulary, which a word-level tokenizer (the demo's) cannot."""
+    model = make_tiny_model(word_tokenizer, seed=3)
+    prompt = torch.tensor([encode_prompt(word_tokenizer, record_from_dict(generate_task("arithmetic", 1, 0)[0]))])
+    with pytest.raises(ValueError, match="substring not found"):
+        model.generate(input_ids=prompt, max_new_tokens=3, stop_strings=["the"], tokenizer=word_tokenizer,
+                       pad_token_id=word_tokenizer.pad_token_id, do_sample=False)
