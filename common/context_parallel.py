@@ -222,6 +222,11 @@ def gather_sequence(
     return _Gather.apply(x, dim, group, seq_len, layout)
 
 
+# The autograd collectives below (`_Split`, `_GatherSum`, `_SeqToHeads`, `_HeadsToSeq`) stay
+# our own: `torch.distributed.nn.functional`'s all_gather / all_to_all_single are deprecated
+# in torch 2.13 (a FutureWarning on every call, pointing at the private
+# `_functional_collectives`), and their all_gather backward emulates reduce-scatter on gloo
+# with an all-to-all and a sum (`tests/common/test_context_parallel.py` shows the warning).
 class _GatherSum(torch.autograd.Function):
     """All-gather whose backward sums the gradients of all ranks (reduce-scatter): for a
     result used by a computation every rank repeats with its own share of the gradient."""

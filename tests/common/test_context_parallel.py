@@ -270,3 +270,26 @@ def test_split_gather_round_trip_and_gradients(two_ranks):
 def test_ulysses_rejects_heads_not_divisible(two_ranks):
     messages = [r["bad_heads"] for r in two_ranks]
     assert all("heads (3) must be divisible by the Ulysses group size (2)" in m for m in messages)
+
+
+def _library_collectives_warn(rank, world_size):
+    import warnings
+
+    import torch.distributed.nn.functional as dist_fn
+
+    x = torch.arange(4.0, requires_grad=True)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        out = dist_fn.all_to_all_single(torch.empty(4), x)
+        gathered = dist_fn.all_gather(x)
+    assert torch.equal(out, x.detach()) and torch.equal(gathered[0], x.detach())
+    return [str(w.message) for w in caught if issubclass(w.category, FutureWarning)]
+
+
+def test_the_library_autograd_collectives_are_deprecated():
+    """Why `common.context_parallel` keeps its own autograd collectives."""
+    from tests.multiproc import run_on_ranks
+
+    [messages] = run_on_ranks(_library_collectives_warn, 1)
+    assert any("all_to_all_single is deprecated" in m for m in messages)
+    assert any("all_gather is deprecated" in m for m in messages)
