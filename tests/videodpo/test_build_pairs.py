@@ -13,6 +13,7 @@ import torch
 import yaml
 
 from tests.multiproc import run_on_ranks
+from tests.videodpo.synthetic_clips import write_dataset
 from tests.videodpo.tiny_models import build_tiny_cogvideox_pipeline, build_tiny_wan_pipeline
 from videodpo import build_pairs
 from videodpo.build_pairs import build_gt_pairs, load_pipeline
@@ -20,7 +21,7 @@ from videodpo.cli import main
 from videodpo.config import BuildPairsConfig
 from videodpo.data.check import check_manifest
 from videodpo.data.manifest import read_manifest
-from videodpo.data.synthetic import WorldConfig, write_dataset
+from videodpo.data.synthetic import WorldConfig
 from videodpo.data.video_io import load_clip, probe_video
 
 TOL = 3 / 127.5  # mp4 (4:4:4, crf 0) rounding

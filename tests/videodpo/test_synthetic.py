@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from common.errors import DataError
+from tests.videodpo.synthetic_clips import write_dataset
 from videodpo.captions import CAPTION_LENGTH, CAPTION_VOCAB, COLOURS, DIRECTIONS, tokenize_caption
 from videodpo.data.motion import motion_fidelity, track_centroids
 from videodpo.data.synthetic import (
@@ -19,7 +20,6 @@ from videodpo.data.synthetic import (
     caption_tokens,
     render_clip,
     sample_records,
-    write_dataset,
 )
 from videodpo.data.video_io import load_clip
 

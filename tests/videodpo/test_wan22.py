@@ -192,10 +192,11 @@ def test_shipped_wan22_config_loads():
 def test_build_pairs_generates_through_the_wan22_pipeline(kind, ti2v_dir, tmp_path):
     """GT-Pairs from a Wan2.2 pipeline: the rejected clip is the pipeline's own output (the
     A14B pipeline routes its steps to both experts itself)."""
+    from tests.videodpo.synthetic_clips import write_dataset
     from tests.videodpo.test_build_pairs import TOL, _cfg, _direct
     from videodpo.build_pairs import build_gt_pairs
     from videodpo.data.manifest import read_manifest
-    from videodpo.data.synthetic import WorldConfig, write_dataset
+    from videodpo.data.synthetic import WorldConfig
     from videodpo.data.video_io import load_clip
 
     model = ti2v_dir if kind == "ti2v_5b" else build_tiny_wan22_pipeline(tmp_path / "a14b", "a14b")

@@ -14,14 +14,11 @@ from __future__ import annotations
 
 import random
 from dataclasses import asdict, dataclass, fields, replace
-from pathlib import Path
 
 import torch
 
 from common.errors import DataError
 from videodpo.captions import COLOURS, DIRECTIONS, SHAPES, SPEEDS, tokenize_caption
-from videodpo.data.manifest import write_manifest
-from videodpo.data.video_io import write_video
 
 
 @dataclass
@@ -192,27 +189,6 @@ def sample_records(world: WorldConfig, num_clips: int, seed: int) -> list[ClipRe
 def render_batch(records: list[ClipRecord]) -> torch.Tensor:
     """Clips of several records stacked as (N, 3, F, H, W)."""
     return torch.stack([render_clip(r) for r in records])
-
-
-def write_dataset(out_dir: str | Path, world: WorldConfig, num_clips: int, seed: int) -> Path:
-    """Write `num_clips` clips as mp4 under `out_dir/clips/` and a JSONL manifest
-    `out_dir/manifest.jsonl` whose rows also carry the record under "world"."""
-    out_dir = Path(out_dir)
-    (out_dir / "clips").mkdir(parents=True, exist_ok=True)
-    rows = []
-    for i, record in enumerate(sample_records(world, num_clips, seed)):
-        rel = f"clips/{i:06d}.mp4"
-        write_video(out_dir / rel, render_clip(record), fps=world.fps)
-        rows.append(
-            {
-                "video": rel,
-                "caption": caption(record),
-                "fps": world.fps,
-                "num_frames": record.num_frames,
-                "world": record.to_dict(),
-            }
-        )
-    return write_manifest(out_dir / "manifest.jsonl", rows)
 
 
 def miscaptioned(records: list[ClipRecord], wrong_share: float, seed: int) -> list[str]:
