@@ -10,12 +10,14 @@ position, a generator, counters), registered once. Its loop reads like torchtita
         run.resume()
     while run.step < steps:
         metrics = step_fn(next_batch())
-        run.end_step(metrics)       # log, checkpoint, progress bar: as the schedule says
+        run.end_step(metrics, validate)   # validate, log, checkpoint, progress bar: as scheduled
     run.finish()
+    return run.result()                   # RunResult: the steps and their metrics
 
-`end_step` decides with `should_log` / `should_checkpoint` (a track asks
-`should_validate` itself, since validation is its own); the last step always logs and
-checkpoints. A kill at any point resumes to the same result: every registered state is
+`end_step` decides with `should_validate` / `should_log` / `should_checkpoint`; the last
+step always logs and checkpoints. Results come back one way, in both tracks: a
+`RunResult` whose `history` holds every step's metrics (validation's under `val/`).
+A kill at any point resumes to the same result: every registered state is
 restored from the newest complete checkpoint and the metrics lines after it are dropped.
 """
 
@@ -23,6 +25,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -103,6 +106,17 @@ class Attributes:
             setattr(self.obj, name, state[name])
 
 
+@dataclass
+class RunResult:
+    """What a training run hands back. `history` holds `{"step": s, **metrics}` for every
+    step this process ran (after a resume: the steps since the checkpoint); validation
+    metrics sit in their step's entry under `val/`."""
+
+    run_dir: Path
+    steps: int
+    history: list[dict]
+
+
 class TrainingRun:
     """Checkpoints, metrics and progress of one run under `run_dir` (see the module docstring).
 
@@ -134,6 +148,7 @@ class TrainingRun:
         self.checkpointer = Checkpointer(self.run_dir / "checkpoints", keep_last=keep_checkpoints)
         self._metrics_log: MetricsLogger | None = None  # opened after a resume has trimmed the file
         self.step = 0
+        self.history: list[dict] = []
         self.bar = progress(total=total_steps, desc=desc)
 
     def resume(self) -> int:
@@ -176,14 +191,18 @@ class TrainingRun:
     def log(self, metrics: dict[str, float]) -> None:
         self.metrics_log.log(self.step, metrics)
 
-    def end_step(self, metrics: dict[str, float], before_checkpoint: Callable[[], None] | None = None) -> None:
-        """After one optimizer step: count it, log and checkpoint as scheduled, move the
-        bar. `before_checkpoint` runs in between (the track's validation)."""
+    def end_step(self, metrics: dict[str, float],
+                 validate: Callable[[], dict[str, float]] | None = None) -> None:
+        """After one optimizer step: count it; validate (`validate()`, its metrics added
+        under `val/`), log and checkpoint as scheduled; record it in `history`; move the bar."""
         self.step += 1
-        if self.should_log():
+        metrics = dict(metrics)
+        validated = validate is not None and self.should_validate()
+        if validated:
+            metrics.update({f"val/{k}": v for k, v in validate().items()})
+        self.history.append({"step": self.step, **metrics})
+        if self.should_log() or validated:
             self.log(metrics)
-        if before_checkpoint is not None:
-            before_checkpoint()
         if self.should_checkpoint():
             self.save()
         self.bar.update(1)
@@ -192,6 +211,9 @@ class TrainingRun:
         extra = {name: obj.state_dict() for name, obj in self.stateful.items()}
         return self.checkpointer.save(self.step, model=self.model, optimizer=self.optimizer,
                                       scheduler=self.scheduler, extra=extra)
+
+    def result(self) -> RunResult:
+        return RunResult(self.run_dir, self.step, self.history)
 
     def finish(self) -> None:
         """Close the bar and the metrics log (every rank; safe to call twice)."""

@@ -23,6 +23,7 @@ import torch.distributed as dist
 from common.config import check_config
 from common.distributed import any_rank, global_max, global_sum, rank_and_world
 from common.errors import ConfigError
+from common.run import RunResult
 from llmpost.config import DapoConfig
 from llmpost.dapo import (
     SampledGroup,
@@ -173,12 +174,14 @@ def train_dapo(
     stage_dir: str | Path,
     seed: int = 0,
     chat_kwargs: dict | None = None,
-    on_step: Callable[[int, dict], None] | None = None,
     model_path: str | Path | None = None,
     reference: torch.nn.Module | None = None,
     engine: VLLMRollout | None = None,
-) -> dict[str, float]:
-    """Run DAPO for `cfg.steps` steps, resuming from `stage_dir/checkpoints` if present.
+    validator: Callable[[], dict[str, float]] | None = None,
+    validate_every: int = 0,
+) -> RunResult:
+    """Run DAPO for `cfg.steps` steps, resuming from `stage_dir/checkpoints` if present;
+    `validator()` runs every `validate_every` steps (its metrics join the step's under `val/`).
 
     With `generation.backend: vllm` responses come from a vLLM engine (`engine`, or one
     started from `model_path` and closed at the end) that gets the policy's weights before
@@ -202,7 +205,7 @@ def train_dapo(
     check_config(cfg)
     check_prompt_split(cfg, world)
     run = start_stage(model, cfg.lr, cfg.weight_decay, stage_dir, seed, cfg.steps, cfg.save_every,
-                      f"DAPO {stage_dir.name}")
+                      f"DAPO {stage_dir.name}", validate_every)
     optimizer, start = run.optimizer, run.step
     regularizer = build_dapo_regularizer(model, cfg, general, start)
     scorer = HFRollout(model, tokenizer, cfg.generation)
@@ -214,7 +217,6 @@ def train_dapo(
         rollout = scorer
     groups_per_rank = cfg.prompts_per_step // world
     prompt_cache: dict[str, list[int]] = {}
-    last: dict[str, float] = {}
     if start:
         logger.info("DAPO: resuming at step %d of %d", start, cfg.steps)
 
@@ -302,14 +304,11 @@ def train_dapo(
         metrics.update(step_time_s=time.perf_counter() - t0,
                        tokens_per_s=generated_tokens / max(1e-9, time.perf_counter() - t0))
         run.bar.set_postfix(acc=f"{metrics.get('accuracy', 0):.2f}", kept=f"{metrics.get('kept_share', 0):.2f}")
-        if on_step is not None:
-            on_step(step + 1, metrics)
-        last = metrics
-        run.end_step(metrics)
+        run.end_step(metrics, validator)
     if own_engine:  # (an interrupted stage leaves its engine to the process's end)
         rollout.close()
     run.finish()
-    return last
+    return run.result()
 
 
 def _sampling_seed(seed: int, step: int, round_index: int, rank: int) -> int:

@@ -18,7 +18,7 @@ from llmpost.model import load_model, tiny_qwen3
 
 
 def start_stage(model: torch.nn.Module, lr: float, weight_decay: float, stage_dir: Path, seed: int,
-                steps: int, save_every: int, desc: str) -> TrainingRun:
+                steps: int, save_every: int, desc: str, validate_every: int = 0) -> TrainingRun:
     """The stage's `common.run.TrainingRun`: seeded per rank, AdamW, checkpoints every
     `save_every` steps and at the end, resumed from `stage_dir/checkpoints` if one is there."""
     rank, _ = rank_and_world()
@@ -26,7 +26,7 @@ def start_stage(model: torch.nn.Module, lr: float, weight_decay: float, stage_di
     torch.manual_seed(seed_for_rank(seed, rank))
     optimizer = build_optimizer(model.parameters(), lr=lr, weight_decay=weight_decay)
     run = TrainingRun(stage_dir, steps, model=model, optimizer=optimizer, checkpoint_every=save_every,
-                      is_main=rank == 0, desc=desc)
+                      validate_every=validate_every, is_main=rank == 0, desc=desc)
     run.resume()
     return run
 

@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from common.config import check_config
 from common.distributed import global_sum, rank_and_world
 from common.regularizer import DataRegularizer
+from common.run import RunResult
 from llmpost.config import SftConfig
 from llmpost.data import TaskRecord, encode_prompt, encode_response, mix, sample_weighted
 from llmpost.logprobs import DEFAULT_CHUNK_SIZE, response_logprobs
@@ -133,20 +134,21 @@ def train_sft(
     seed: int = 0,
     task_weights: dict[str, float] | None = None,
     chat_kwargs: dict | None = None,
-    on_step: Callable[[int, dict], None] | None = None,
-) -> dict[str, float]:
+    validator: Callable[[], dict[str, float]] | None = None,
+    validate_every: int = 0,
+) -> RunResult:
     """SFT for `cfg.steps` steps on target data (tasks drawn by `task_weights`) with
-    `general_fraction` of each batch from `general`; resumes from `stage_dir/checkpoints`."""
+    `general_fraction` of each batch from `general`; resumes from `stage_dir/checkpoints`.
+    `validator()` runs every `validate_every` steps; its metrics join the step's under `val/`."""
     check_config(cfg)
     if cfg.general_mode == "projector" and not general:
         raise ValueError("sft.general_mode 'projector' needs general data (data.general_train)")
     stage_dir = Path(stage_dir)
     rank, _ = rank_and_world()
     run = start_stage(model, cfg.lr, cfg.weight_decay, stage_dir, seed, cfg.steps, cfg.save_every,
-                      f"SFT {stage_dir.name}")
+                      f"SFT {stage_dir.name}", validate_every)
     optimizer = run.optimizer
     cache: dict[str, tuple[list[int], list[int]]] = {}
-    last: dict[str, float] = {}
     model.train()
     regularizer = DataRegularizer(model, cfg.projector) if cfg.general_mode == "projector" else None
 
@@ -160,20 +162,18 @@ def train_sft(
         while run.step < cfg.steps:
             step = run.step
             if regularizer is not None:
-                last = _projector_step(model, optimizer, regularizer, examples_of, target, general,
+                metrics = _projector_step(model, optimizer, regularizer, examples_of, target, general,
                                        cfg, tokenizer.pad_token_id, random.Random(f"{seed}/sft/{step}"),
                                        task_weights)
             else:
-                last = _mix_step(model, optimizer, examples_of, target, general, cfg,
+                metrics = _mix_step(model, optimizer, examples_of, target, general, cfg,
                                  tokenizer.pad_token_id, random.Random(f"{seed}/sft/{step}/{rank}"),
                                  task_weights)
-            run.bar.set_postfix(loss=f"{last['loss']:.3f}")
-            if on_step is not None:
-                on_step(step + 1, last)
-            run.end_step(last)
+            run.bar.set_postfix(loss=f"{metrics['loss']:.3f}")
+            run.end_step(metrics, validator)
     finally:
         run.finish()
-    return last
+    return run.result()
 
 
 def _mix_step(model, optimizer, examples_of, target, general, cfg: SftConfig, pad_id: int,

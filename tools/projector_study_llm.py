@@ -64,20 +64,18 @@ def run_seed(seed: int, args: argparse.Namespace) -> list[dict]:
     rows = []
     for arm in ARMS:
         model = untie_embeddings(build_policy(ModelConfig(), tokenizer, base_dir))
-        curve = []
 
-        def measure(step: int, model=model, curve=curve) -> None:
+        def measure(model=model) -> dict[str, float]:
             result = evaluate_tasks(model, tokenizer, evalset, registry, eval_cfg)
-            curve.append({"step": step, "sns": result["sns_avg"], "general": result["general_avg"]})
-
-        def on_step(step: int, metrics: dict, measure=measure) -> None:
-            if step % args.eval_every == 0:
-                measure(step)
+            return {"sns": result["sns_avg"], "general": result["general_avg"]}
 
         start = time.perf_counter()
-        measure(0)
-        train_dapo(model, tokenizer, sns, general, arm_config(arm, args), registry,
-                   root / arm.replace(" ", "_"), seed, on_step=on_step, model_path=base_dir)
+        curve = [{"step": 0, **measure()}]
+        result = train_dapo(model, tokenizer, sns, general, arm_config(arm, args), registry,
+                            root / arm.replace(" ", "_"), seed, model_path=base_dir,
+                            validator=measure, validate_every=args.eval_every)
+        curve += [{"step": h["step"], "sns": h["val/sns"], "general": h["val/general"]}
+                  for h in result.history if "val/sns" in h]
         base_general = curve[0]["general"]
         holds = args.steps
         for prev, point in zip(curve, curve[1:]):

@@ -34,6 +34,7 @@ from videodpo.config import BuildPairsConfig
 from videodpo.data.manifest import (
     ManifestRow,
     append_manifest_row,
+    check_fields,
     read_manifest,
     read_manifest_rows,
     resolve_path,
@@ -147,15 +148,9 @@ def build_pair(
     pipe, task: str, row: ManifestRow, root: Path, out_dir: Path, cfg: BuildPairsConfig
 ) -> dict:
     """Generate the rejected clip of one row; returns its pair row (absolute paths)."""
-    if row.error is not None:
-        raise DataError(row.error)
-    caption = row.data.get("caption")
-    if not isinstance(caption, str) or not caption.strip():
-        raise DataError("field 'caption' is missing or empty")
-    video = row.data.get("video")
-    if not isinstance(video, str) or not video:
-        raise DataError("field 'video' is missing")
-    source = resolve_path(root, video)
+    check_fields(row, "clip")
+    caption = row.data["caption"]
+    source = resolve_path(root, row.data["video"])
     info = probe_video(source)
     clip = load_clip(source, num_frames=cfg.num_frames, height=cfg.height, width=cfg.width)
     _check_shape(clip, pipe)

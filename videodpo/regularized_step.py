@@ -49,7 +49,7 @@ import torch.distributed as dist
 from common.errors import ConfigError, DataError
 from common.regularizer import DataRegularizer, RegularizerStats
 from videodpo.data.dataset import CachedPairDataset
-from videodpo.data.manifest import read_manifest_rows, resolve_path
+from videodpo.data.manifest import check_fields, read_manifest_rows, resolve_path
 from videodpo.data.video_io import load_clip
 from videodpo.losses import loss_weights, reg_dpo_sample_losses
 
@@ -95,9 +95,10 @@ class GeneralClips:
         path = Path(reg.general_manifest)
         items = []
         for row in read_manifest_rows(path):
-            for key in ("video", "caption"):
-                if not isinstance(row.data.get(key), str) or not row.data[key]:
-                    raise DataError(f"{path}:{row.index}: field '{key}' is missing or empty")
+            try:
+                check_fields(row, "clip")
+            except DataError as err:
+                raise DataError(f"{path}:{row.index}: {err}") from None
             clip = load_clip(resolve_path(path.parent, row.data["video"]),
                              num_frames=cfg.data.num_frames or None,
                              height=cfg.data.height or None, width=cfg.data.width or None)

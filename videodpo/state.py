@@ -17,7 +17,7 @@ from __future__ import annotations
 import contextlib
 import math
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -48,7 +48,6 @@ class TrainingState:
     timestep_range: tuple[float, float | None] = (0.0, None)  # where training draws t (expert choice)
     step: int = 0
     nonfinite: int = 0
-    history: list[dict] = field(default_factory=list)
 
     @property
     def lora(self) -> bool:

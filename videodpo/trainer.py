@@ -24,7 +24,7 @@ import torch.distributed as dist
 
 from common.config import add_config_args, check_run_dir, config_from_args, save_config
 from common.errors import ConfigError
-from common.run import Attributes, GeneratorState, TrainingRun
+from common.run import Attributes, GeneratorState, RunResult, TrainingRun
 from videodpo.config import RunConfig
 from videodpo.data.dataset import CachedPairDataset, PairDataset
 from videodpo.data.loader import PairLoader, PairSampler
@@ -41,11 +41,10 @@ HELP = "SFT / DPO / Reg-DPO training of a video diffusion transformer on prefere
 
 
 @dataclass
-class TrainResult:
-    out_dir: Path
-    steps: int
-    history: list[dict]
-    export_dir: Path | None
+class TrainResult(RunResult):
+    """`common.run.RunResult` (run_dir, steps, history) and what the video run adds."""
+
+    export_dir: Path | None = None
     skipped_rows: int = 0
     nonfinite_steps: int = 0
 
@@ -114,9 +113,7 @@ def train(
         if validator is None and cfg.validation.every:
             validator = Validator(cfg, state.adapter)
 
-        def validate() -> None:
-            if validator is not None and run.should_validate():
-                run.log({f"val/{k}": v for k, v in validator(state).items()})
+        validate = functools.partial(validator, state) if validator is not None else None
 
         while run.step < cfg.train.steps:
             batches = [loader.next_batch() for _ in range(cfg.train.grad_accum)]
@@ -125,14 +122,13 @@ def train(
             else:
                 metrics = training_step(state, batches)
             metrics["skipped_rows"] = float(loader.skipped_rows)
-            state.history.append({"step": state.step, **metrics})
-            run.end_step(metrics, before_checkpoint=validate)
+            run.end_step(metrics, validate)
     finally:  # also when killed by an exception: no loader workers or open logs left behind
         loader.close()
         run.finish()
     export_dir = export_model(state, out_dir / ("final_lora" if state.lora else "final"))
     layout.barrier()
-    return TrainResult(out_dir, state.step, state.history, export_dir, loader.skipped_rows, state.nonfinite)
+    return TrainResult(out_dir, run.step, run.history, export_dir, loader.skipped_rows, state.nonfinite)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

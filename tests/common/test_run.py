@@ -104,3 +104,37 @@ def test_kill_and_resume_restores_every_registered_state(tmp_path):
     assert not torch.equal(straight.weight, torch.nn.Linear(3, 1).weight)
     steps = [json.loads(line)["step"] for line in (tmp_path / "b" / "metrics.jsonl").read_text().splitlines()]
     assert steps == [1, 2, 3, 4, 5]  # step 3's line from before the kill is not doubled
+
+
+def test_history_holds_every_step_and_validation_joins_its_step(tmp_path):
+    run = TrainingRun(tmp_path, 5, model=None, optimizer=None, log_every=2, validate_every=3)
+    calls = []
+
+    def validate() -> dict[str, float]:
+        calls.append(run.step)
+        return {"score": 10.0 * run.step}
+
+    for step in range(5):
+        run.end_step({"loss": float(step)}, validate)
+    run.finish()
+    result = run.result()
+    assert calls == [3] and result.steps == 5
+    assert result.history == [{"step": 1, "loss": 0.0}, {"step": 2, "loss": 1.0},
+                              {"step": 3, "loss": 2.0, "val/score": 30.0},
+                              {"step": 4, "loss": 3.0}, {"step": 5, "loss": 4.0}]
+    logged = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in logged] == [2, 3, 4, 5]  # step 3 is logged for its validation
+    assert logged[1]["val/score"] == 30.0
+
+
+def test_a_resumed_run_returns_the_steps_it_ran(tmp_path):
+    with killed_after(3):
+        _train(tmp_path, 5)
+    model = torch.nn.Linear(3, 1)
+    run = TrainingRun(tmp_path, 5, model=model, optimizer=build_optimizer(model.parameters(), lr=0.1),
+                      checkpoint_every=2, stateful={"data": GeneratorState(torch.Generator()),
+                                                    "counter": Attributes(_Counter(), "seen")})
+    assert run.resume() == 2
+    run.end_step({"loss": 1.0})
+    run.finish()
+    assert [h["step"] for h in run.result().history] == [3]

@@ -250,10 +250,11 @@ def _fsdp_sync_on_rank(rank, world, model_dir, state, prompts):
 
     paths = write_suite(Path(model_dir) / "data", n_train=10, n_eval=2, seed=0)
     registry = RewardRegistry({name: _first_word_reward for name in default_registry().names()})
-    metrics = train_dapo(model, tokenizer, load_many([paths["sns_train"]]), [],
-                         replace(_dapo_cfg(), steps=2, general_fraction=0.0), registry,
-                         Path(model_dir) / "stage", seed=1, engine=rollout)
-    return ours, hf, gap, metrics
+    result = train_dapo(model, tokenizer, load_many([paths["sns_train"]]), [],
+                        replace(_dapo_cfg(), steps=2, general_fraction=0.0), registry,
+                        Path(model_dir) / "stage", seed=1, engine=rollout)
+    assert [h["step"] for h in result.history] == [1, 2]
+    return ours, hf, gap, result.history[-1]
 
 
 @pytest.mark.slow

@@ -11,8 +11,10 @@ from pathlib import Path
 import pytest
 import torch
 
+from common.errors import DataError
 from videodpo.cli import main
-from videodpo.data.check import check_manifest
+from videodpo.data.check import check_manifest, check_row
+from videodpo.data.manifest import ManifestRow, check_fields
 from videodpo.data.video_io import write_video
 
 REPO = Path(__file__).resolve().parents[2]
@@ -179,3 +181,26 @@ def test_console_entry_point_has_no_traceback(tmp_path):
     assert run.returncode == 1
     assert "Traceback" not in run.stdout + run.stderr
     _assert_named(run.stdout)
+
+
+@pytest.mark.parametrize("kind, row, field", [
+    ("pair", {"rejected": "good2.mp4", "caption": "c"}, "chosen"),
+    ("pair", {"chosen": "good.mp4", "rejected": 3, "caption": "c"}, "rejected"),
+    ("pair", {"chosen": "good.mp4", "rejected": "good2.mp4", "caption": "  "}, "caption"),
+    ("pair", {"chosen": "good.mp4", "rejected": "good2.mp4", "caption": "c", "image": ["x"]}, "image"),
+    ("clip", {"video": "", "caption": "c"}, "video"),
+    ("clip", {"video": "good.mp4"}, "caption"),
+])
+def test_check_data_and_the_readers_parse_a_row_the_same_way(tmp_path, kind, row, field):
+    """One parser of a row's fields: check-data names the field the training readers and
+    build-pairs refuse the row for."""
+    _dataset(tmp_path)
+    manifest_row = ManifestRow(1, row)
+    problems = check_row(manifest_row, tmp_path, kind)
+    assert problems and problems[0].field == field
+    with pytest.raises(DataError, match=f"field '{field}'"):
+        check_fields(manifest_row, kind)
+    good = {"pair": {"chosen": "good.mp4", "rejected": "good2.mp4", "caption": "c"},
+            "clip": {"video": "good.mp4", "caption": "c"}}[kind]
+    assert check_row(ManifestRow(1, good), tmp_path, kind) == []
+    check_fields(ManifestRow(1, good), kind)

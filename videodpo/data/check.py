@@ -18,7 +18,7 @@ from pathlib import Path
 from PIL import Image
 
 from common.errors import ConfigError, DataError
-from videodpo.data.manifest import ManifestRow, read_manifest_rows, resolve_path
+from videodpo.data.manifest import ManifestRow, field_problems, read_manifest_rows, resolve_path
 from videodpo.data.video_io import VideoInfo, probe_video, verify_video
 
 HELP = "validate every row of a clip or pair manifest; exit 1 naming each bad row"
@@ -58,11 +58,9 @@ class CheckReport:
 def _check_video(
     row: ManifestRow, key: str, root: Path, min_frames: int, decode: bool = True
 ) -> tuple[list[RowProblem], VideoInfo | None]:
-    value = row.data.get(key)
-    if value in (None, ""):
-        return [RowProblem(row.index, key, None, "missing")], None
-    if not isinstance(value, str):
-        return [RowProblem(row.index, key, None, f"expected a path, got {value!r}")], None
+    """The file behind field `key` (already parsed by `field_problems`): present, decodes,
+    long enough."""
+    value = row.data[key]
     path = resolve_path(root, value)
     if not path.is_file():
         return [RowProblem(row.index, key, value, "file not found")], None
@@ -83,14 +81,14 @@ def _check_image(row: ManifestRow, root: Path) -> list[RowProblem]:
     value = row.data.get("image")
     if value in (None, ""):
         return []
-    path = resolve_path(root, str(value))
+    path = resolve_path(root, value)
     if not path.is_file():
-        return [RowProblem(row.index, "image", str(value), "file not found")]
+        return [RowProblem(row.index, "image", value, "file not found")]
     try:
         with Image.open(path) as image:
             image.verify()
     except Exception as err:  # noqa: BLE001 - any PIL failure means the image is unusable
-        return [RowProblem(row.index, "image", str(value), f"cannot open image: {err}")]
+        return [RowProblem(row.index, "image", value, f"cannot open image: {err}")]
     return []
 
 
@@ -98,10 +96,12 @@ def check_row(
     row: ManifestRow, root: Path, kind: str, min_frames: int = 1, decode: bool = True
 ) -> list[RowProblem]:
     """Problems of one manifest row (empty when the row is good); `decode=False` reads
-    video headers only."""
+    video headers only. Fields are parsed as the readers parse them
+    (`videodpo.data.manifest.field_problems`); then the files behind the good ones are opened."""
+    problems = [RowProblem(row.index, name, None, message) for name, message in field_problems(row, kind)]
     if row.error is not None:
-        return [RowProblem(row.index, row.error_field, None, row.error)]
-    problems: list[RowProblem] = []
+        return problems
+    bad = {p.field for p in problems}
     declared = row.data.get("num_frames")
     if declared is not None and not (isinstance(declared, int) and declared > 0):
         problems.append(
@@ -109,23 +109,20 @@ def check_row(
         )
         declared = None
     needed = max(min_frames, declared or 0)
-    if kind == "pair":
-        found, chosen = _check_video(row, "chosen", root, needed, decode)
-        problems += found
-        found, rejected = _check_video(row, "rejected", root, needed, decode)
-        problems += found
-        if chosen and rejected:
-            shape_c = (chosen.num_frames, chosen.height, chosen.width)
-            shape_r = (rejected.num_frames, rejected.height, rejected.width)
-            if shape_c != shape_r:
-                message = f"shape (frames, height, width) {shape_r} differs from chosen {shape_c}"
-                problems.append(RowProblem(row.index, "rejected", row.data["rejected"], message))
-    else:
-        problems += _check_video(row, "video", root, needed, decode)[0]
-    caption = row.data.get("caption")
-    if not isinstance(caption, str) or not caption.strip():
-        problems.append(RowProblem(row.index, "caption", None, "missing or empty"))
-    problems += _check_image(row, root)
+    infos = {}
+    for key in ("chosen", "rejected") if kind == "pair" else ("video",):
+        if key not in bad:
+            found, infos[key] = _check_video(row, key, root, needed, decode)
+            problems += found
+    chosen, rejected = infos.get("chosen"), infos.get("rejected")
+    if chosen and rejected:
+        shape_c = (chosen.num_frames, chosen.height, chosen.width)
+        shape_r = (rejected.num_frames, rejected.height, rejected.width)
+        if shape_c != shape_r:
+            message = f"shape (frames, height, width) {shape_r} differs from chosen {shape_c}"
+            problems.append(RowProblem(row.index, "rejected", row.data["rejected"], message))
+    if "image" not in bad:
+        problems += _check_image(row, root)
     return problems
 
 

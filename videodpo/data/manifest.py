@@ -53,24 +53,46 @@ class PairFields:
     meta: dict
 
 
-def pair_fields(row: ManifestRow, root: Path) -> PairFields:
-    """Parse one pair row of a manifest in folder `root`; a DataError names the bad field."""
+def field_problems(row: ManifestRow, kind: str) -> list[tuple[str, str]]:
+    """(field, message) for each field of a `kind` ("clip" or "pair") row that is missing
+    or of the wrong type, before any file is opened; empty when the row can be read. The
+    one parser of a row's fields: readers raise the first (`check_fields`), `check-data`
+    reports them all."""
     if row.error is not None:
-        raise DataError(row.error)
+        return [(row.error_field, row.error)]
+    problems = []
+    for key in PAIR_FIELDS[:2] if kind == "pair" else CLIP_FIELDS[:1]:
+        value = row.data.get(key)
+        if value in (None, ""):
+            problems.append((key, "missing"))
+        elif not isinstance(value, str):
+            problems.append((key, f"expected a path, got {value!r}"))
     caption = row.data.get("caption")
     if not isinstance(caption, str) or not caption.strip():
-        raise DataError("field 'caption' is missing or empty")
-    paths = {}
-    for key in ("chosen", "rejected"):
-        value = row.data.get(key)
-        if not isinstance(value, str) or not value:
-            raise DataError(f"field '{key}' is missing")
-        paths[key] = resolve_path(root, value)
+        problems.append(("caption", "missing or empty"))
     image = row.data.get("image")
-    if image and not isinstance(image, str):
-        raise DataError(f"field 'image' must be a path, got {type(image).__name__}")
-    return PairFields(caption, paths["chosen"], paths["rejected"],
-                      resolve_path(root, image) if image else None, row.data.get("meta") or {})
+    if image not in (None, "") and not isinstance(image, str):
+        problems.append(("image", f"expected a path, got {image!r}"))
+    return problems
+
+
+def check_fields(row: ManifestRow, kind: str) -> None:
+    """A DataError naming the first bad field of `row` (see `field_problems`)."""
+    if row.error is not None:
+        raise DataError(row.error)
+    problems = field_problems(row, kind)
+    if problems:
+        name, message = problems[0]
+        raise DataError(f"field '{name}': {message}")
+
+
+def pair_fields(row: ManifestRow, root: Path) -> PairFields:
+    """Parse one pair row of a manifest in folder `root`; a DataError names the bad field."""
+    check_fields(row, "pair")
+    image = row.data.get("image")
+    return PairFields(row.data["caption"], resolve_path(root, row.data["chosen"]),
+                      resolve_path(root, row.data["rejected"]), resolve_path(root, image) if image else None,
+                      row.data.get("meta") or {})
 
 
 def resolve_path(root: Path, value: str) -> Path:
