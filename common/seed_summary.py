@@ -52,7 +52,15 @@ def mean_std(summary: dict[str, dict[str, dict[str, Any]]], arm: str, metric: st
     stats = summary.get(arm, {}).get(metric)
     if not stats or not stats["n_seeds"]:
         return "-"
-    return f"{stats['mean']:.3f} ± {stats['std']:.3f}"
+    return format_mean_std(stats["values"])
+
+
+def format_mean_std(values: list[float], digits: int = 3) -> str:
+    """`0.612 ± 0.031`: the mean and the sample standard deviation (0 for one value)."""
+    n = len(values)
+    mean = sum(values) / n
+    std = math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1)) if n > 1 else 0.0
+    return f"{mean:.{digits}f} ± {std:.{digits}f}"
 
 
 def compare_claim(claim: str, summary: dict[str, dict[str, dict[str, Any]]], metric: str, better: str,

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -24,6 +23,7 @@ from pathlib import Path
 import torch
 
 from common.regularizer import RegularizerConfig
+from common.seed_summary import format_mean_std
 from llmpost.config import DapoConfig, EvalConfig, GenerationConfig, ModelConfig, SftConfig
 from llmpost.dapo_trainer import train_dapo
 from llmpost.data import load_many
@@ -92,11 +92,6 @@ def run_seed(seed: int, args: argparse.Namespace) -> list[dict]:
     return rows
 
 
-def mean_sd(values: list[float]) -> str:
-    sd = statistics.stdev(values) if len(values) > 1 else 0.0
-    return f"{statistics.mean(values):.3f} ± {sd:.3f}"
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--out", default="runs/projector_study_llm")
@@ -124,11 +119,11 @@ def main(argv: list[str] | None = None) -> int:
              "|---|---|---|---|---|"]
     for arm in ARMS:
         rs = [r for r in rows if r["arm"] == arm]
-        lines.append(f"| {arm} | {mean_sd([r['sns'] for r in rs])} | "
-                     f"{mean_sd([r['general'] for r in rs])} | "
-                     f"{mean_sd([float(r['general_holds']) for r in rs])} | "
-                     f"{mean_sd([r['base_sns'] for r in rs])} / "
-                     f"{mean_sd([r['base_general'] for r in rs])} |")
+        lines.append(f"| {arm} | {format_mean_std([r['sns'] for r in rs])} | "
+                     f"{format_mean_std([r['general'] for r in rs])} | "
+                     f"{format_mean_std([float(r['general_holds']) for r in rs])} | "
+                     f"{format_mean_std([r['base_sns'] for r in rs])} / "
+                     f"{format_mean_std([r['base_general'] for r in rs])} |")
     lines.append(f"\nwall time {time.perf_counter() - start:.0f} s")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

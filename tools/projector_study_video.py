@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -25,6 +24,7 @@ from pathlib import Path
 import torch
 
 from common.regularizer import RegularizerConfig
+from common.seed_summary import format_mean_std
 from videodpo.data.synthetic import caption, miscaptioned, render_batch, sample_records
 from videodpo.demo import DemoConfig, _items, _run_cfg, train_base
 from videodpo.models import load_adapter
@@ -91,11 +91,6 @@ def run_seed(seed: int, args: argparse.Namespace) -> list[dict]:
     return rows
 
 
-def mean_sd(values: list[float]) -> str:
-    sd = statistics.stdev(values) if len(values) > 1 else 0.0
-    return f"{statistics.mean(values):.4f} ± {sd:.4f}"
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--out", default="runs/projector_study_video")
@@ -118,12 +113,12 @@ def main(argv: list[str] | None = None) -> int:
              f"{args.seeds} seeds, mean ± sd; held-out error = mean flow-matching error at 4 "
              f"fixed timesteps ({args.heldout} clips each).", "",
              "| arm | held-out general error | held-out preferred error |", "|---|---|---|",
-             f"| base | {mean_sd([r['base_general_error'] for r in rows if r['arm'] == 'none'])} | "
-             f"{mean_sd([r['base_preferred_error'] for r in rows if r['arm'] == 'none'])} |"]
+             f"| base | {format_mean_std([r['base_general_error'] for r in rows if r['arm'] == 'none'], 4)} | "
+             f"{format_mean_std([r['base_preferred_error'] for r in rows if r['arm'] == 'none'], 4)} |"]
     for arm in ARMS:
         rs = [r for r in rows if r["arm"] == arm]
-        lines.append(f"| {arm} | {mean_sd([r['general_error'] for r in rs])} | "
-                     f"{mean_sd([r['preferred_error'] for r in rs])} |")
+        lines.append(f"| {arm} | {format_mean_std([r['general_error'] for r in rs], 4)} | "
+                     f"{format_mean_std([r['preferred_error'] for r in rs], 4)} |")
     lines.append(f"\nwall time {time.perf_counter() - start:.0f} s")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

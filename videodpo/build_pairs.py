@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-from dataclasses import dataclass
 from pathlib import Path
 
 import diffusers
@@ -21,15 +20,11 @@ import torch
 
 from common.config import add_config_args, config_from_args, save_config
 from common.distributed import (
-    all_reduce_values,
-    barrier,
     init_distributed,
-    is_main_process,
     rank_share,
 )
 from common.errors import ConfigError, DataError
 from common.fsdp import to_dtype
-from common.metrics import progress
 from videodpo.config import BuildPairsConfig
 from videodpo.data.manifest import (
     ManifestRow,
@@ -48,6 +43,7 @@ from videodpo.data.video_io import (
     write_video,
 )
 from videodpo.models.registry import PIPELINES, read_pipeline_index
+from videodpo.row_jobs import RowCounts, check_job_config, finish_rows, work_rows
 
 HELP = "build a GT-Pair manifest: real clip preferred, base-model generation rejected"
 logger = logging.getLogger(__name__)
@@ -55,25 +51,23 @@ PAIRS_FILE = "pairs.jsonl"
 JOURNAL_DIR = "journal"
 
 
-@dataclass
-class BuildSummary:
-    generated: int = 0
-    skipped: int = 0
-    failed: int = 0
-
-    def as_tensor(self) -> torch.Tensor:
-        return torch.tensor([self.generated, self.skipped, self.failed], dtype=torch.long)
-
-
 def load_pipeline(model_dir: str | Path, dtype: torch.dtype, task: str = "auto"):
-    """A diffusers video pipeline from a local directory, and its task (t2v / i2v)."""
+    """A diffusers video pipeline from a local directory, and its task (t2v / i2v).
+
+    `task: i2v` on a Wan2.2 TI2V folder (saved as `WanPipeline` with `expand_timesteps`,
+    as Wan2.2-TI2V-5B-Diffusers is) loads the same weights as `WanImageToVideoPipeline`,
+    which conditions on the first frame as that model does (no CLIP image encoder)."""
     model_dir = Path(model_dir)
     _, config = read_pipeline_index(model_dir)
     class_name = config["_class_name"]
     found = PIPELINES[class_name][1]
+    extra = {}
+    if task == "i2v" and class_name == "WanPipeline" and config.get("expand_timesteps"):
+        class_name, found = "WanImageToVideoPipeline", "i2v"
+        extra = dict(image_encoder=None, image_processor=None, expand_timesteps=True)
     if task not in ("auto", found):
         raise ConfigError(f"config key 'task' is {task!r} but {model_dir} holds a {found} pipeline")
-    pipe = getattr(diffusers, class_name).from_pretrained(model_dir, dtype=dtype)
+    pipe = getattr(diffusers, class_name).from_pretrained(model_dir, dtype=dtype, **extra)
     pipe.set_progress_bar_config(disable=True)
     return pipe, found
 
@@ -195,12 +189,9 @@ def merge_journals(out_dir: Path) -> Path:
     return write_manifest(out_dir / PAIRS_FILE, [rows[k] for k in sorted(rows)])
 
 
-def build_gt_pairs(cfg: BuildPairsConfig) -> BuildSummary:
+def build_gt_pairs(cfg: BuildPairsConfig) -> RowCounts:
     """Build (or finish) the pair manifest; returns the summary over all ranks."""
-    if not cfg.manifest or not cfg.model:
-        raise ConfigError("build-pairs needs config keys 'manifest' and 'model'")
-    if (cfg.height is None) != (cfg.width is None):
-        raise ConfigError("config keys 'height' and 'width' go together: set both or neither")
+    check_job_config(cfg, "build-pairs")
     dist_info = init_distributed()
     rank, world = dist_info.rank, dist_info.world_size
     out_dir = Path(cfg.out_dir)
@@ -218,27 +209,13 @@ def build_gt_pairs(cfg: BuildPairsConfig) -> BuildSummary:
     else:
         pipe.to(dist_info.device)  # VAE, text and image encoders with the transformer
     journal = journal_dir / f"rank{rank}.jsonl"
-    summary = BuildSummary()
-    for row in progress(mine, desc="build-pairs"):
-        if row.index in done:
-            summary.skipped += 1
-            continue
-        try:
-            pair = build_pair(pipe, task, row, manifest.parent, out_dir, cfg)
-        except (DataError, ValueError, RuntimeError) as err:
-            summary.failed += 1
-            logger.warning("%s: row %d failed: %s", manifest, row.index, err)
-            continue
-        append_manifest_row(journal, pair)
-        summary.generated += 1
-    totals = summary.as_tensor()
-    if world > 1:
-        totals = all_reduce_values(totals)
-    barrier()
-    if rank == 0:
-        merge_journals(out_dir)
-    barrier()
-    return BuildSummary(*(int(v) for v in totals))
+    todo = [row for row in mine if row.index not in done]
+
+    def build(row: ManifestRow) -> None:
+        append_manifest_row(journal, build_pair(pipe, task, row, manifest.parent, out_dir, cfg))
+
+    generated, failed = work_rows(todo, build, manifest, "build-pairs")
+    return finish_rows(RowCounts(generated, len(mine) - len(todo), failed), lambda: merge_journals(out_dir))
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -247,10 +224,4 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     cfg = config_from_args(BuildPairsConfig, args)
-    summary = build_gt_pairs(cfg)
-    if is_main_process():
-        print(
-            f"build-pairs: {summary.generated} rows generated, {summary.skipped} skipped "
-            f"(done before), {summary.failed} failed; manifest: {Path(cfg.out_dir) / PAIRS_FILE}"
-        )
-    return 1 if summary.failed else 0
+    return build_gt_pairs(cfg).report("build-pairs", "generated", f"manifest: {Path(cfg.out_dir) / PAIRS_FILE}")

@@ -176,7 +176,7 @@ class BuildPairsConfig:
     manifest: str = ""  # clip manifest: video, caption, optional image
     model: str = ""  # local diffusers pipeline directory (model_index.json)
     out_dir: str = "runs/pairs"
-    task: Literal["auto", "t2v", "i2v"] = "auto"  # auto: from the pipeline class
+    task: Literal["auto", "t2v", "i2v"] = "auto"  # auto: from the pipeline class; i2v on a Wan2.2 TI2V folder conditions on first frames
     num_frames: int | None = None  # None: each clip's own frame count
     height: int | None = None  # None: each clip's own size
     width: int | None = None

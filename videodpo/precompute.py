@@ -24,22 +24,20 @@ from safetensors.torch import save_file
 
 from common.config import add_config_args, config_from_args, save_config
 from common.distributed import (
-    all_reduce_values,
     barrier,
     init_distributed,
-    is_main_process,
     rank_share,
 )
-from common.errors import ConfigError, DataError
+from common.errors import DataError
 from common.fsdp import to_dtype
 from common.io import atomic_path, write_text_atomic
-from common.metrics import progress
 from videodpo.config import PrecomputeConfig
 from videodpo.data.dataset import load_pair_clips
 from videodpo.data.latent_cache import CACHE_FORMAT, INDEX_FILE, PRODUCER_FILE, model_fingerprint
 from videodpo.data.manifest import ManifestRow, pair_fields, read_manifest_rows
 from videodpo.data.video_io import load_image
 from videodpo.models import load_adapter
+from videodpo.row_jobs import RowCounts, check_job_config, finish_rows, work_rows
 
 HELP = "encode a pair manifest into a latent cache (VAE latents + conditions)"
 logger = logging.getLogger(__name__)
@@ -94,12 +92,9 @@ def _claim_producer(out_dir: Path, producer: dict, settings: dict) -> None:
     path.write_text(json.dumps(record, indent=2))
 
 
-def precompute(cfg: PrecomputeConfig) -> dict[str, int]:
+def precompute(cfg: PrecomputeConfig) -> RowCounts:
     """Encode the pair manifest into `cfg.out_dir`; returns counts over all ranks."""
-    if not cfg.manifest or not cfg.model:
-        raise ConfigError("precompute needs config keys 'manifest' and 'model'")
-    if (cfg.height is None) != (cfg.width is None):
-        raise ConfigError("config keys 'height' and 'width' go together: set both or neither")
+    check_job_config(cfg, "precompute")
     dist_info = init_distributed()
     rank, world = dist_info.rank, dist_info.world_size
     out_dir = Path(cfg.out_dir)
@@ -128,7 +123,6 @@ def precompute(cfg: PrecomputeConfig) -> dict[str, int]:
     adapter.place_encoders(dist_info.device, offload=cfg.offload_encoders)
     producer.update(family=adapter.family, task=adapter.task)
     store = to_dtype(cfg.cache_dtype)
-    counts = torch.tensor([0, len(mine) - len(todo), 0])  # encoded, skipped, failed
     tensors: dict[str, torch.Tensor] = {}
     entries: list[dict] = []
     shard_id = len(list(out_dir.glob(f"shard-r{rank}-*.json")))
@@ -139,13 +133,8 @@ def precompute(cfg: PrecomputeConfig) -> dict[str, int]:
             _write_shard(out_dir, f"shard-r{rank}-{shard_id:05d}", tensors, entries)
             shard_id, tensors, entries = shard_id + 1, {}, []
 
-    for row in progress(todo, desc="precompute"):
-        try:
-            encoded = encode_pair(adapter, row, manifest.parent, cfg)
-        except (DataError, ValueError, RuntimeError) as err:
-            counts[2] += 1
-            logger.warning("%s: row %d failed: %s", manifest, row.index, err)
-            continue
+    def encode(row: ManifestRow) -> None:
+        encoded = encode_pair(adapter, row, manifest.parent, cfg)
         key = f"r{row.index:08d}"
         entry = {"row": row.index, "key": key, "caption": row.data["caption"]}
         entry["meta"] = row.data.get("meta") or {}
@@ -154,17 +143,13 @@ def precompute(cfg: PrecomputeConfig) -> dict[str, int]:
             encoded["text"] = _trim_zero_rows(encoded["text"])
         tensors.update({f"{key}.{name}": t.to(store) for name, t in encoded.items()})
         entries.append(entry)
-        counts[0] += 1
         if len(entries) >= cfg.rows_per_shard:
             flush()
+
+    n_encoded, failed = work_rows(todo, encode, manifest, "precompute")
     flush()
-    if world > 1:
-        counts = all_reduce_values(counts)
-    barrier()
-    if rank == 0:
-        write_index(out_dir, producer, settings)
-    barrier()
-    return dict(zip(("encoded", "skipped", "failed"), (int(c) for c in counts)))
+    return finish_rows(RowCounts(n_encoded, len(mine) - len(todo), failed),
+                       lambda: write_index(out_dir, producer, settings))
 
 
 def write_index(out_dir: Path, producer: dict, settings: dict) -> Path:
@@ -182,10 +167,4 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     cfg = config_from_args(PrecomputeConfig, args)
-    counts = precompute(cfg)
-    if is_main_process():
-        print(
-            f"precompute: {counts['encoded']} pairs encoded, {counts['skipped']} skipped (done before), "
-            f"{counts['failed']} failed; cache: {Path(cfg.out_dir) / INDEX_FILE}"
-        )
-    return 1 if counts["failed"] else 0
+    return precompute(cfg).report("precompute", "encoded", f"cache: {Path(cfg.out_dir) / INDEX_FILE}")

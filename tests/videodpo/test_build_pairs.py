@@ -14,7 +14,7 @@ import yaml
 
 from tests.multiproc import run_on_ranks
 from tests.videodpo.synthetic_clips import write_dataset
-from tests.videodpo.tiny_models import build_tiny_cogvideox_pipeline, build_tiny_wan_pipeline
+from tests.videodpo.tiny_models import build_tiny_cogvideox_pipeline
 from videodpo import build_pairs
 from videodpo.build_pairs import build_gt_pairs, load_pipeline
 from videodpo.cli import main
@@ -25,12 +25,6 @@ from videodpo.data.synthetic import WorldConfig
 from videodpo.data.video_io import load_clip, probe_video
 
 TOL = 3 / 127.5  # mp4 (4:4:4, crf 0) rounding
-
-
-@pytest.fixture(scope="module")
-def models(tmp_path_factory) -> dict[str, Path]:
-    root = tmp_path_factory.mktemp("models")
-    return {task: build_tiny_wan_pipeline(root / task, task) for task in ("t2v", "i2v")}
 
 
 @pytest.fixture(scope="module")
@@ -65,7 +59,7 @@ def _direct(model: Path, caption: str, seed: int, shape, image=None, guidance: f
 def test_t2v_pairs_match_direct_generation(models, clips, tmp_path):
     cfg = _cfg(clips, models["t2v"], tmp_path / "out")
     summary = build_gt_pairs(cfg)
-    assert (summary.generated, summary.skipped, summary.failed) == (4, 0, 0)
+    assert (summary.done, summary.skipped, summary.failed) == (4, 0, 0)
     pairs = read_manifest(tmp_path / "out" / "pairs.jsonl")
     sources = read_manifest(clips)
     assert len(pairs) == 4
@@ -101,19 +95,19 @@ def test_resume_after_interruption(models, clips, tmp_path, monkeypatch):
     assert sorted(done_before) == ["000001.mp4", "000002.mp4"]
     monkeypatch.setattr(build_pairs, "generate_clip", real)
     summary = build_gt_pairs(cfg)
-    assert (summary.generated, summary.skipped, summary.failed) == (2, 2, 0)
+    assert (summary.done, summary.skipped, summary.failed) == (2, 2, 0)
     for name, data in done_before.items():  # finished rows were not redone
         assert (tmp_path / "out" / "generated" / name).read_bytes() == data
     resumed = read_manifest(tmp_path / "out" / "pairs.jsonl")
     fresh_summary = build_gt_pairs(replace(cfg, out_dir=str(tmp_path / "fresh")))
-    assert fresh_summary.generated == 4
+    assert fresh_summary.done == 4
     fresh = read_manifest(tmp_path / "fresh" / "pairs.jsonl")
     assert [p["meta"] for p in resumed] == [p["meta"] for p in fresh]
     for a, b in zip(resumed, fresh):
         assert torch.equal(load_clip(a["rejected"]), load_clip(b["rejected"]))
     # a third run finds nothing to do
     again = build_gt_pairs(cfg)
-    assert (again.generated, again.skipped) == (0, 4)
+    assert (again.done, again.skipped) == (0, 4)
 
 
 def test_i2v_with_resizing_and_a_failed_row(models, clips, tmp_path, capsys):
@@ -151,7 +145,7 @@ def test_cogvideox_pipelines(clips, tmp_path, task):
     model = build_tiny_cogvideox_pipeline(tmp_path / "cog", task)
     cfg = _cfg(clips, model, tmp_path / "out", limit=2)
     summary = build_gt_pairs(cfg)
-    assert (summary.generated, summary.failed) == (2, 0)
+    assert (summary.done, summary.failed) == (2, 0)
     pairs = read_manifest(tmp_path / "out" / "pairs.jsonl")
     src = read_manifest(clips)[1]
     first = load_clip(src["video"])[:, 0] if task == "i2v" else None
@@ -163,7 +157,7 @@ def test_cogvideox_pipelines(clips, tmp_path, task):
 def test_bad_shape_is_a_failed_row_not_a_crash(models, clips, tmp_path):
     cfg = _cfg(clips, models["t2v"], tmp_path / "out", num_frames=8, limit=1)
     summary = build_gt_pairs(cfg)
-    assert (summary.generated, summary.failed) == (0, 1)
+    assert (summary.done, summary.failed) == (0, 1)
 
 
 def _build_on_rank(rank: int, world_size: int, cfg: BuildPairsConfig) -> dict:
@@ -178,9 +172,9 @@ def test_rows_split_over_data_parallel_ranks(models, clips, tmp_path):
     cfg = _cfg(clips, models["t2v"], tmp_path / "dp")
     results = run_on_ranks(_build_on_rank, 2, cfg)
     assert [r["rows"] for r in results] == [[1, 3], [2, 4]]
-    assert all(r["summary"] == {"generated": 4, "skipped": 0, "failed": 0} for r in results)
+    assert all(r["summary"] == {"done": 4, "skipped": 0, "failed": 0} for r in results)
     single = build_gt_pairs(replace(cfg, out_dir=str(tmp_path / "single")))
-    assert single.generated == 4
+    assert single.done == 4
     dp = read_manifest(tmp_path / "dp" / "pairs.jsonl")
     one = read_manifest(tmp_path / "single" / "pairs.jsonl")
     assert [p["meta"]["source_row"] for p in dp] == [1, 2, 3, 4]

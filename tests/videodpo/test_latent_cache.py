@@ -16,7 +16,6 @@ import yaml
 from safetensors import safe_open
 
 from common.errors import DataError
-from tests.videodpo.tiny_models import build_tiny_wan_pipeline
 from videodpo import precompute as precompute_job
 from videodpo.cli import main
 from videodpo.config import PrecomputeConfig
@@ -25,14 +24,9 @@ from videodpo.data.latent_cache import LatentCache, model_fingerprint
 from videodpo.data.video_io import write_video
 from videodpo.models import load_adapter
 from videodpo.precompute import precompute
+from videodpo.row_jobs import RowCounts
 
 REPO = Path(__file__).resolve().parents[2]
-
-
-@pytest.fixture(scope="module")
-def models(tmp_path_factory) -> dict[str, Path]:
-    root = tmp_path_factory.mktemp("models")
-    return {task: build_tiny_wan_pipeline(root / task, task) for task in ("t2v", "i2v")}
 
 
 @pytest.fixture(scope="module")
@@ -60,7 +54,7 @@ def _cfg(pairs: Path, model: Path, out: Path, **kw) -> PrecomputeConfig:
 @pytest.mark.parametrize("task", ["t2v", "i2v"])
 def test_cache_round_trip_equals_on_the_fly(models, pairs, tmp_path, task):
     counts = precompute(_cfg(pairs, models[task], tmp_path / "cache", rows_per_shard=2))
-    assert counts == {"encoded": 3, "skipped": 0, "failed": 0}
+    assert counts == RowCounts(done=3, skipped=0, failed=0)
     assert len(list((tmp_path / "cache").glob("shard-*.safetensors"))) == 2
     cache = CachedPairDataset(tmp_path / "cache", expect_model=models[task])
     # the reference: decode the clips and encode them now, as training without a cache does
@@ -88,7 +82,7 @@ def test_training_reads_the_cache_without_diffusers(models, pairs, tmp_path, cap
     config = tmp_path / "precompute.yaml"
     config.write_text(yaml.safe_dump(asdict(_cfg(pairs, models["t2v"], tmp_path / "cache"))))
     assert main(["precompute", "--config", str(config)]) == 0
-    assert "3 pairs encoded, 0 skipped (done before), 0 failed" in capsys.readouterr().out
+    assert "3 rows encoded, 0 skipped (done before), 0 failed" in capsys.readouterr().out
     code = (
         "import sys; from videodpo.data.dataset import CachedPairDataset, collate_pairs; "
         f"ds = CachedPairDataset({str(tmp_path / 'cache')!r}, expect_model={str(models['t2v'])!r}); "
@@ -143,7 +137,7 @@ def test_precompute_resumes_after_interruption(models, pairs, tmp_path, monkeypa
         precompute(cfg)
     first = (tmp_path / "cache" / "shard-r0-00000.safetensors").read_bytes()
     monkeypatch.setattr(precompute_job, "encode_pair", real)
-    assert precompute(cfg) == {"encoded": 2, "skipped": 1, "failed": 0}
+    assert precompute(cfg) == RowCounts(done=2, skipped=1, failed=0)
     assert (tmp_path / "cache" / "shard-r0-00000.safetensors").read_bytes() == first
     resumed = LatentCache(tmp_path / "cache")
     fresh_cfg = replace(cfg, out_dir=str(tmp_path / "fresh"))
@@ -177,7 +171,7 @@ def test_precompute_split_over_data_parallel_ranks(models, pairs, tmp_path):
 
     cfg = _cfg(pairs, models["t2v"], tmp_path / "dp")
     results = run_on_ranks(_precompute_on_rank, 2, cfg)
-    assert results == [{"encoded": 3, "skipped": 0, "failed": 0}] * 2
+    assert results == [RowCounts(done=3, skipped=0, failed=0)] * 2
     assert sorted(p.name for p in (tmp_path / "dp").glob("shard-*.json")) == [
         "shard-r0-00000.json",
         "shard-r1-00000.json",

@@ -203,7 +203,37 @@ def test_build_pairs_generates_through_the_wan22_pipeline(kind, ti2v_dir, tmp_pa
     world = WorldConfig(height=64, width=64, num_frames=5, shape_size=16)
     clips = write_dataset(tmp_path / "clips", world, num_clips=2, seed=0)
     summary = build_gt_pairs(_cfg(clips, model, tmp_path / "out"))
-    assert (summary.generated, summary.failed) == (2, 0)
+    assert (summary.done, summary.failed) == (2, 0)
     pairs, sources = read_manifest(tmp_path / "out" / "pairs.jsonl"), read_manifest(clips)
     ref = _direct(model, sources[1]["caption"], 12, (5, 64, 64))
     assert (load_clip(pairs[1]["rejected"]) - ref).abs().max() <= TOL
+
+
+def test_build_pairs_image_to_video_from_the_ti2v_text_to_video_folder(ti2v_dir, tmp_path):
+    """Wan2.2-TI2V-5B ships as a `WanPipeline` folder; `task: i2v` generates the rejected
+    clip from the row's first frame through `WanImageToVideoPipeline` on the same weights."""
+    from tests.videodpo.synthetic_clips import write_dataset
+    from tests.videodpo.test_build_pairs import TOL, _cfg, _direct
+    from videodpo.build_pairs import build_gt_pairs, load_pipeline
+    from videodpo.data.manifest import read_manifest
+    from videodpo.data.synthetic import WorldConfig
+    from videodpo.data.video_io import load_clip, to_pil_image
+
+    world = WorldConfig(height=64, width=64, num_frames=5, shape_size=16)
+    clips = write_dataset(tmp_path / "clips", world, num_clips=2, seed=0)
+    summary = build_gt_pairs(_cfg(clips, ti2v_dir, tmp_path / "out", task="i2v"))
+    assert (summary.done, summary.failed) == (2, 0)
+    pairs, sources = read_manifest(tmp_path / "out" / "pairs.jsonl"), read_manifest(clips)
+    pipe, task = load_pipeline(ti2v_dir, torch.float32, "i2v")
+    assert (type(pipe).__name__, task) == ("WanImageToVideoPipeline", "i2v")
+    first = load_clip(sources[1]["video"])[:, 0]
+    out = pipe(image=to_pil_image(first), prompt=sources[1]["caption"], height=64, width=64, num_frames=5,
+               num_inference_steps=2, guidance_scale=1.0, generator=torch.Generator().manual_seed(12),
+               output_type="np", max_sequence_length=16).frames[0]
+    want = torch.as_tensor(out).float().permute(3, 0, 1, 2) * 2 - 1
+    got = load_clip(pairs[1]["rejected"])
+    assert (got - want).abs().max() <= TOL
+    text_only = _direct(ti2v_dir, sources[1]["caption"], 12, (5, 64, 64))
+    assert (got - text_only).abs().max() > 10 * TOL  # the image changed the generation
+    with pytest.raises(ConfigError, match="holds a t2v pipeline"):
+        load_pipeline(build_tiny_wan22_pipeline(tmp_path / "a14b", "a14b"), torch.float32, "i2v")
