@@ -7,7 +7,7 @@ outputs.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -48,13 +48,13 @@ def check_job_config(cfg: Any, job: str) -> None:
         raise ConfigError("config keys 'height' and 'width' go together: set both or neither")
 
 
-def work_rows(rows: Iterable[ManifestRow], work: Callable[[ManifestRow], None], manifest: Path,
+def work_rows(rows: Sequence[ManifestRow], work: Callable[[ManifestRow], None], manifest: Path,
               desc: str) -> tuple[int, int]:
     """`work(row)` for each row; a row whose data is bad (DataError) or that the model
     refuses (ValueError, RuntimeError) is logged with the manifest and row number and
     skipped. Returns (rows done, rows failed)."""
     done = failed = 0
-    for row in progress(list(rows), desc=desc):
+    for row in progress(rows, desc=desc):
         try:
             work(row)
         except (DataError, ValueError, RuntimeError) as err:

@@ -18,7 +18,13 @@ from pathlib import Path
 from PIL import Image
 
 from common.errors import ConfigError, DataError
-from videodpo.data.manifest import ManifestRow, field_problems, read_manifest_rows, resolve_path
+from videodpo.data.manifest import (
+    VIDEO_FIELDS,
+    ManifestRow,
+    field_problems,
+    read_manifest_rows,
+    resolve_path,
+)
 from videodpo.data.video_io import VideoInfo, probe_video, verify_video
 
 HELP = "validate every row of a clip or pair manifest; exit 1 naming each bad row"
@@ -110,7 +116,7 @@ def check_row(
         declared = None
     needed = max(min_frames, declared or 0)
     infos = {}
-    for key in ("chosen", "rejected") if kind == "pair" else ("video",):
+    for key in VIDEO_FIELDS[kind]:
         if key not in bad:
             found, infos[key] = _check_video(row, key, root, needed, decode)
             problems += found

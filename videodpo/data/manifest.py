@@ -20,8 +20,8 @@ from pathlib import Path
 from common.errors import DataError
 from common.io import atomic_path
 
-CLIP_FIELDS: tuple[str, ...] = ("video", "caption")
-PAIR_FIELDS: tuple[str, ...] = ("chosen", "rejected", "caption")
+# the video fields of each kind of row (both kinds also need a caption)
+VIDEO_FIELDS: dict[str, tuple[str, ...]] = {"clip": ("video",), "pair": ("chosen", "rejected")}
 PATH_FIELDS: tuple[str, ...] = ("video", "image", "chosen", "rejected")
 
 
@@ -61,7 +61,7 @@ def field_problems(row: ManifestRow, kind: str) -> list[tuple[str, str]]:
     if row.error is not None:
         return [(row.error_field, row.error)]
     problems = []
-    for key in PAIR_FIELDS[:2] if kind == "pair" else CLIP_FIELDS[:1]:
+    for key in VIDEO_FIELDS[kind]:
         value = row.data.get(key)
         if value in (None, ""):
             problems.append((key, "missing"))
