@@ -9,6 +9,7 @@ import os
 import random
 import re
 import socket
+import subprocess
 import threading
 import time
 from pathlib import Path
@@ -178,20 +179,53 @@ def test_correct_programs_still_score_1(sandbox):
                   reference="ok") == 1.0
 
 
+def _concurrent_runs(sb: CodeSandbox) -> int:
+    """How many sandboxed runs are alive now: each run's program is PID 1 of a namespace of
+    its own (bwrap's outer process stays in ours and is not counted)."""
+    ours, namespaces = os.readlink("/proc/self/ns/pid"), set()
+    for pid in _sandbox_pids(sb):
+        try:
+            namespaces.add(os.readlink(f"/proc/{pid}/ns/pid"))
+        except OSError:
+            continue
+    return len(namespaces - {ours})
+
+
 def test_pool_runs_slow_programs_side_by_side(sandbox):
+    """Seen from the host, not timed: while two 2-second programs run, a watcher finds two
+    sandboxed runs alive at once."""
     registry = default_registry(code_sandbox=sandbox)
     slow = "```python\nimport time\ntime.sleep(2)\nprint('done')\n```"
     items = [("code", "p", slow, "done", {"timeout_s": 6}), ("code", "p", "print('done')", "done", {}),
              ("exact_match", "p", "a", "a", None)]
-    start = time.monotonic()
-    scores = registry.score_many(items + [items[0]])
-    elapsed = time.monotonic() - start
+    most, stop = [0], threading.Event()
+
+    def watch():
+        while not stop.is_set():
+            most[0] = max(most[0], _concurrent_runs(sandbox))
+            time.sleep(0.05)
+
+    watcher = threading.Thread(target=watch)
+    watcher.start()
+    try:
+        scores = registry.score_many(items + [items[0]])
+    finally:
+        stop.set()
+        watcher.join()
     assert scores == [1.0, 1.0, 1.0, 1.0]
-    assert elapsed < 3.8  # two two-second runs side by side on a pool of 2 (one after the other: > 4)
+    assert most[0] >= 2  # one after the other, the watcher would never see more than one
 
 
 def test_startup_cost_per_call_is_small(sandbox):
-    assert sandbox.startup_seconds(runs=3) < 1.0
+    """A sandboxed run of `pass` against a bare `python -I -S -c pass`, measured in the same
+    run: 31-48 ms against 7-9 ms (3.7-6.3x) on the 2-core CPU, idle or with three busy
+    loops beside it. The bound catches a per-call cost that grows (a copy, an import)."""
+    sandboxed = sandbox.startup_seconds(runs=5)
+    start = time.perf_counter()
+    for _ in range(5):
+        subprocess.run([sandbox.python, "-I", "-S", "-c", "pass"], check=True)
+    bare = (time.perf_counter() - start) / 5
+    assert sandboxed < 15 * bare, (sandboxed, bare)
 
 
 def test_refuses_without_bwrap_and_runs_unsandboxed_only_when_allowed(caplog):
