@@ -23,7 +23,7 @@ from common.distributed import (
     init_distributed,
     rank_share,
 )
-from common.errors import ConfigError, DataError
+from common.errors import DataError
 from common.fsdp import to_dtype
 from videodpo.config import BuildPairsConfig
 from videodpo.data.manifest import (
@@ -42,7 +42,7 @@ from videodpo.data.video_io import (
     to_pil_image,
     write_video,
 )
-from videodpo.models.registry import PIPELINES, read_pipeline_index
+from videodpo.models.registry import PIPELINE_CLASSES, PIPELINES, read_pipeline_index, resolve_task
 from videodpo.row_jobs import RowCounts, check_job_config, finish_rows, work_rows
 
 HELP = "build a GT-Pair manifest: real clip preferred, base-model generation rejected"
@@ -54,19 +54,20 @@ JOURNAL_DIR = "journal"
 def load_pipeline(model_dir: str | Path, dtype: torch.dtype, task: str = "auto"):
     """A diffusers video pipeline from a local directory, and its task (t2v / i2v).
 
-    `task: i2v` on a Wan2.2 TI2V folder (saved as `WanPipeline` with `expand_timesteps`,
-    as Wan2.2-TI2V-5B-Diffusers is) loads the same weights as `WanImageToVideoPipeline`,
-    which conditions on the first frame as that model does (no CLIP image encoder)."""
+    A Wan2.2 TI2V folder serves both tasks (`videodpo.models.registry.resolve_task`):
+    asked for the other one than its class's (`task: i2v` on the `WanPipeline` folder that
+    Wan2.2-TI2V-5B-Diffusers is), the same weights load as that task's pipeline class."""
     model_dir = Path(model_dir)
     _, config = read_pipeline_index(model_dir)
     class_name = config["_class_name"]
-    found = PIPELINES[class_name][1]
+    family, saved = PIPELINES[class_name]
+    found = resolve_task(config, task, "config key 'task'", model_dir)
     extra = {}
-    if task == "i2v" and class_name == "WanPipeline" and config.get("expand_timesteps"):
-        class_name, found = "WanImageToVideoPipeline", "i2v"
-        extra = dict(image_encoder=None, image_processor=None, expand_timesteps=True)
-    if task not in ("auto", found):
-        raise ConfigError(f"config key 'task' is {task!r} but {model_dir} holds a {found} pipeline")
+    if found != saved:
+        class_name = PIPELINE_CLASSES[(family, found)]
+        extra = {"expand_timesteps": True}
+        if found == "i2v":  # TI2V conditions on the first frame's latent, no CLIP image encoder
+            extra.update(image_encoder=None, image_processor=None)
     pipe = getattr(diffusers, class_name).from_pretrained(model_dir, dtype=dtype, **extra)
     pipe.set_progress_bar_config(disable=True)
     return pipe, found

@@ -237,3 +237,7 @@ def test_build_pairs_image_to_video_from_the_ti2v_text_to_video_folder(ti2v_dir,
     assert (got - text_only).abs().max() > 10 * TOL  # the image changed the generation
     with pytest.raises(ConfigError, match="holds a t2v pipeline"):
         load_pipeline(build_tiny_wan22_pipeline(tmp_path / "a14b", "a14b"), torch.float32, "i2v")
+    # the other way: a TI2V folder saved as WanImageToVideoPipeline serves text-to-video
+    saved_i2v = build_tiny_wan22_pipeline(tmp_path / "ti2v_i2v", "ti2v_5b_i2v")
+    pipe, task = load_pipeline(saved_i2v, torch.float32, "t2v")
+    assert (type(pipe).__name__, task, pipe.config.expand_timesteps) == ("WanPipeline", "t2v", True)

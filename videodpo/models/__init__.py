@@ -19,7 +19,6 @@ import torch
 from accelerate import init_empty_weights
 from torch import nn
 
-from common.errors import ConfigError
 from common.fsdp import SafetensorsWeights
 from videodpo.models.base import (
     Conditions,
@@ -28,7 +27,7 @@ from videodpo.models.base import (
     read_pixel_meta,
 )
 from videodpo.models.experts import ExpertWeights, TimestepExperts
-from videodpo.models.registry import ADAPTERS, PIPELINES, read_pipeline_index
+from videodpo.models.registry import ADAPTERS, PIPELINES, read_pipeline_index, resolve_task
 from videodpo.models.tiny import CaptionEncoder
 from videodpo.objective import DiffusionObjective
 
@@ -118,11 +117,8 @@ def load_adapter(
                    dtype=dtype)
     index, config = read_pipeline_index(path, "model.path (nor a videodpo_model.json)")
     class_name = config["_class_name"]
-    family, saved_task = PIPELINES[class_name]
-    if task not in (None, "", saved_task) and not config.get("expand_timesteps"):
-        raise ConfigError(f"model.task={task}: {index} is a {class_name} ({saved_task}); only a model with "
-                          "expand_timesteps (Wan2.2 TI2V) serves both tasks")
-    task = task or saved_task
+    family = PIPELINES[class_name][0]
+    task = resolve_task(config, task, "model.task", index)
     cls = ADAPTERS[family]
     transformer = _load_transformer(cls, path / "transformer", dtype, transformer_weights)
     if config.get("boundary_ratio") is not None and any(config.get("transformer_2") or ()):

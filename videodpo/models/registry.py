@@ -18,6 +18,7 @@ PIPELINES: dict[str, tuple[str, str]] = {
     "CogVideoXPipeline": ("cogvideox", "t2v"),
     "CogVideoXImageToVideoPipeline": ("cogvideox", "i2v"),
 }
+PIPELINE_CLASSES: dict[tuple[str, str], str] = {v: k for k, v in PIPELINES.items()}
 
 
 def read_pipeline_index(folder: str | Path, what: str = "model") -> tuple[Path, dict[str, Any]]:
@@ -31,3 +32,18 @@ def read_pipeline_index(folder: str | Path, what: str = "model") -> tuple[Path, 
         raise ConfigError(f"{index}: pipeline {config.get('_class_name')!r} is not supported; "
                           f"expected one of {sorted(PIPELINES)}")
     return index, config
+
+
+def resolve_task(config: dict[str, Any], task: str | None, key: str, where: str | Path) -> str:
+    """The task a pipeline folder (its `model_index.json` as `config`) serves: its class's,
+    unless `task` asks for the other one, which only a model with `expand_timesteps`
+    allows (Wan2.2 TI2V-5B: one transformer for text- and image-to-video, saved as
+    `WanPipeline`). `key` names the setting in the error."""
+    class_name = config["_class_name"]
+    saved = PIPELINES[class_name][1]
+    if task in (None, "", "auto", saved):
+        return saved
+    if not config.get("expand_timesteps"):
+        raise ConfigError(f"{key}={task}: {where} holds a {saved} pipeline ({class_name}); only a model "
+                          "with expand_timesteps (Wan2.2 TI2V) serves both tasks")
+    return task
