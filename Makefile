@@ -11,13 +11,13 @@ $(VENV)/.installed: pyproject.toml tools/setup_env.sh
 setup: $(VENV)/.installed
 
 # Both demos, one seed each, side by side (one core each); logs in runs/*-demo.log, their
-# tables and claims printed at the end. About 5 to 6 minutes on an idle 2-core machine.
+# tables and claims printed at the end. About 5 to 7 minutes on an idle 2-core machine.
 # The README's 3-seed tables: `videodpo demo --seeds 3`, `llmpost demo --seeds 3`.
 demo: setup
 	@echo "make demo: the video demo (noisy-caption tiny Wan base, then SFT / Flow-DPO / Reg-DPO /"
 	@echo "  Reg-DPO on annotated pairs) and the LLM demo (RedOne 2.0 three stages vs SFT baselines,"
 	@echo "  full and half data, in and out of distribution), 1 seed each, in parallel on two cores:"
-	@echo "  about 5 to 6 minutes on an idle 2-core machine. Logs: runs/videodpo-demo.log, runs/llmpost-demo.log"
+	@echo "  about 5 to 7 minutes on an idle 2-core machine. Logs: runs/videodpo-demo.log, runs/llmpost-demo.log"
 	@mkdir -p runs; rm -f runs/videodpo-demo/report.txt runs/llmpost-demo/report.txt
 	@$(VENV)/bin/videodpo demo --out runs/videodpo-demo > runs/videodpo-demo.log 2>&1 & video=$$!; \
 	$(VENV)/bin/llmpost demo --out runs/llmpost-demo > runs/llmpost-demo.log 2>&1; llm=$$?; \
